@@ -1,0 +1,173 @@
+"""Typed settings shared by the CLI and the Flower app.
+
+The keys are the kebab-case keys of ``[tool.flwr.app.config]`` in pyproject.toml; a test keeps
+the two in sync, so ``flwr run --run-config`` and ``fedrag ... -c`` accept the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Data and models
+    data_root: str = ""
+    store_dir: str = ""
+    store_mode: str = "embedded"
+    qdrant_url: str = ""
+    qdrant_api_key_env: str = "QDRANT_API_KEY"
+    retriever_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    context_model: str = ""
+    generator_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    device: str = "cpu"
+    dtype: str = "float32"
+    chunk_tokens: int = 128
+    chunk_overlap: int = 16
+    top_k: int = 3
+    max_new_tokens: int = 24
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,v_proj"
+    retriever_lora_r: int = 0
+    # Fine-tuning
+    mode: str = "both"
+    local_steps: int = 20
+    batch_size: int = 4
+    grad_accum: int = 1
+    gen_lr: float = 3e-4
+    ret_lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 640
+    autocast_bf16: bool = False
+    seed: int = 0
+    raft_p: float = 0.0
+    raft_distractors: int = 2
+    lsr_k: int = 4
+    lsr_gamma: float = 0.05
+    lsr_tau: float = 1.0
+    proximal_mu: float = 0.0
+    eval_limit: int = 100
+    # Federation
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    round_timeout: int = 3600
+    server_lr: float = 1e-2
+    tau: float = 1e-9
+    beta: float = 0.2
+    num_malicious: int = 0
+    wire_dtype: str = "float32"
+    output_dir: str = "outputs"
+    resume: str = ""
+    federated_query: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {
+            "store_mode": ("embedded", "memory", "server"),
+            "device": ("cpu", "cuda", "auto"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "mode": ("generator", "retriever", "both"),
+            "wire_dtype": ("float32", "float16"),
+            "strategy": (
+                "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+            ),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"config key '{_kebab(name)}' = {getattr(self, name)!r}: "
+                    f"expected one of {', '.join(allowed)}"
+                )
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("config key 'chunk-overlap' must be smaller than 'chunk-tokens'")
+        if self.top_k < 1 or self.local_steps < 0 or self.batch_size < 1:
+            raise ValueError(
+                "config keys 'top-k' and 'batch-size' must be >= 1, 'local-steps' >= 0"
+            )
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def to_config(self) -> dict[str, Any]:
+        """Kebab-case dict, as Flower's run config holds it."""
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_FIELDS = {_kebab(f.name): f for f in fields(Settings)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(
+                f"config key '{key}': expected {kind.__name__}, got {value!r}"
+            ) from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(
+            f"config key '{key}': expected {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def settings_from(config: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from a kebab-case mapping (run config), ignoring Flower's own keys."""
+    values: dict[str, Any] = {}
+    for key, value in dict(config or {}).items():
+        field = _FIELDS.get(key)
+        if field is None:
+            continue  # Flower adds its own keys (e.g. server-round) to message configs
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(field.type)]
+        values[field.name] = _coerce(key, value, kind)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def parse_overrides(texts: list[str] | None) -> dict[str, Any]:
+    """Parse ``-c "key=value key2=value2"`` strings; unknown keys are errors, with the key named."""
+    result: dict[str, Any] = {}
+    for text in texts or []:
+        for item in shlex.split(text):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"config override {item!r}: expected key=value")
+            key = key.strip()
+            if key not in _FIELDS:
+                raise ValueError(
+                    f"unknown config key '{key}' (known: {', '.join(sorted(_FIELDS))})"
+                )
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            result[key] = value
+    return result
+
+
+def known_keys() -> list[str]:
+    return list(_FIELDS)

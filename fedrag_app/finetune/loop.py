@@ -1,0 +1,110 @@
+"""The optimisation loop shared by every method: schedule, accumulation, clipping, autocast,
+the FedProx proximal term, and honest loss/throughput reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    steps: int
+    lr: float
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    autocast_bf16: bool = False
+    proximal_mu: float = 0.0
+    progress: bool = True
+    desc: str = "train"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def length_grouped_batches(
+    items: Sequence[T], length: Callable[[T], int], batch_size: int, rng: random.Random
+) -> Iterator[list[T]]:
+    """Endless batches of similar lengths (little padding), in random order, epoch after epoch."""
+    if not items:
+        raise ValueError("no training examples")
+    window = batch_size * 32
+    while True:
+        order = list(items)
+        rng.shuffle(order)
+        batches: list[list[T]] = []
+        for start in range(0, len(order), window):
+            mega = sorted(order[start : start + window], key=length)
+            batches.extend(mega[i : i + batch_size] for i in range(0, len(mega), batch_size))
+        rng.shuffle(batches)
+        yield from batches
+
+
+def run_loop(
+    params: dict[str, torch.nn.Parameter],
+    batches: Iterator[T],
+    loss_fn: Callable[[T], tuple[torch.Tensor, int]],
+    cfg: LoopSettings,
+) -> dict[str, float]:
+    """Run ``cfg.steps`` optimizer steps; ``loss_fn`` returns (mean loss, tokens processed).
+
+    With ``proximal_mu`` > 0 the loss adds mu/2 * ||w - w_start||^2 over the trained
+    parameters (FedProx), w_start being the weights received from the server.
+    """
+    trainable = [p for p in params.values() if p.requires_grad]
+    if cfg.steps <= 0 or not trainable:
+        return {"loss": 0.0, "loss_first": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+    anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
+    )
+    autocast = (
+        torch.autocast(trainable[0].device.type, dtype=torch.bfloat16)
+        if cfg.autocast_bf16
+        else contextlib.nullcontext()
+    )
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=cfg.desc, unit="step", disable=not cfg.progress)
+    for _ in bar:
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            with autocast:
+                loss, n_tokens = loss_fn(next(batches))
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True))
+                loss = loss + cfg.proximal_mu / 2 * prox
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            tokens += n_tokens
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 4) :]
+    return {
+        "loss": sum(tail) / len(tail),
+        "loss_first": losses[0],
+        "steps": len(losses),
+        "tokens": tokens,
+        "seconds": seconds,
+    }

@@ -1,0 +1,57 @@
+"""LSR (LM-supervised retrieval, RA-DIT / REPLUG) for the query encoder.
+
+p_R = softmax(sim(q, c) / gamma) over the top-k candidates, where q comes from the trainable
+query encoder WITH gradients and c are the store's frozen context embeddings; p_LM =
+softmax(log p_gen(answer | c, question) / tau) from the generator without gradients;
+loss = KL(p_LM || p_R). Gradients reach the query encoder only; the store is never re-indexed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedrag_app.data import QAPair
+from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.retriever import Retriever
+from fedrag_app.rag.store import KnowledgeStore
+
+
+class LsrLoss:
+    def __init__(
+        self,
+        retriever: Retriever,
+        generator: Generator,
+        stores: list[KnowledgeStore],
+        k: int,
+        gamma: float,
+        tau: float,
+        max_len: int = 640,
+    ) -> None:
+        self.retriever = retriever
+        self.generator = generator
+        self.stores = stores
+        self.k, self.gamma, self.tau, self.max_len = k, gamma, tau, max_len
+
+    def __call__(self, batch: list[tuple[int, QAPair]]) -> tuple[torch.Tensor, int]:
+        """``batch`` holds (store index, pair): pooled training spans several clients' stores."""
+        self.retriever.query_encoder.train()
+        questions = [p.question for _, p in batch]
+        q, tokens = self.retriever.query_embeddings(questions)  # (B, D), differentiable
+        q_np = q.detach().float().cpu().numpy()
+        contexts, texts = [], []
+        for row, (store_idx, pair) in enumerate(batch):
+            hits = self.stores[store_idx].search(q_np[row : row + 1], self.k, with_vectors=True)[0]
+            if len(hits) < self.k:
+                raise RuntimeError(
+                    f"store {self.stores[store_idx].name} holds fewer than {self.k} chunks"
+                )
+            contexts.append(np.stack([h.vector for h in hits]))
+            texts.append([(pair.question, [h.text], pair.answers[0]) for h in hits])
+        c = torch.from_numpy(np.stack(contexts)).to(q.device)  # (B, K, D), frozen
+        log_p_r = torch.log_softmax(torch.einsum("bd,bkd->bk", q.float(), c) / self.gamma, dim=-1)
+        flat = [t for row in texts for t in row]
+        lm = self.generator.answer_logprobs(flat, max_len=self.max_len).view(len(batch), self.k)
+        log_p_lm = torch.log_softmax(lm.to(q.device) / self.tau, dim=-1)
+        loss = torch.nn.functional.kl_div(log_p_r, log_p_lm, reduction="batchmean", log_target=True)
+        return loss, tokens

@@ -1,0 +1,80 @@
+"""RALT (retrieval-augmented LM training, RA-DIT) and its RAFT variant, for the generator.
+
+RALT: each (question, answer) and each of its top-k retrieved chunks makes one example
+(chunk, question) -> answer. RAFT: with probability p the context is the gold chunk plus d
+distractors, otherwise d distractors only. The loss covers answer tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from fedrag_app.data import QAPair
+from fedrag_app.evaluation import contains_answer
+from fedrag_app.rag.generator import Generator, pad_batch
+from fedrag_app.rag.store import Hit
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    contexts: tuple[str, ...]
+    answer: str
+    has_gold: bool = False
+
+
+def ralt_examples(pairs: list[QAPair], hits: list[list[Hit]], k: int) -> list[Example]:
+    return [
+        Example(p.question, (h.text,), p.answers[0], contains_answer(h.text, p.answers))
+        for p, hs in zip(pairs, hits, strict=True)
+        for h in hs[:k]
+    ]
+
+
+def raft_examples(
+    pairs: list[QAPair], hits: list[list[Hit]], p_gold: float, distractors: int, rng: random.Random
+) -> list[Example]:
+    """``hits`` are candidates from the store; the gold chunk is the first containing an answer."""
+    out = []
+    for pair, hs in zip(pairs, hits, strict=True):
+        gold = next((h for h in hs if contains_answer(h.text, pair.answers)), None)
+        others = [h for h in hs if not contains_answer(h.text, pair.answers)][:distractors]
+        with_gold = gold is not None and rng.random() < p_gold
+        chunks = ([gold] if with_gold else []) + others
+        rng.shuffle(chunks)
+        out.append(
+            Example(pair.question, tuple(h.text for h in chunks), pair.answers[0], with_gold)
+        )
+    return out
+
+
+class RaltLoss:
+    """Causal-LM loss on answer tokens; the prompt and context are labelled IGNORE."""
+
+    def __init__(self, generator: Generator, max_len: int) -> None:
+        self.generator = generator
+        self.max_len = max_len
+        self._cache: dict[Example, tuple[list[int], list[int]]] = {}
+
+    def encode(self, ex: Example) -> tuple[list[int], list[int]]:
+        if ex not in self._cache:
+            self._cache[ex] = self.generator.encode_example(
+                ex.question, list(ex.contexts), ex.answer, self.max_len
+            )
+        return self._cache[ex]
+
+    def length(self, ex: Example) -> int:
+        return len(self.encode(ex)[0])
+
+    def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
+        model = self.generator.model
+        model.train()
+        ids, labels, mask = pad_batch(
+            [self.encode(e) for e in batch], self.generator.tokenizer.pad_token_id
+        )
+        dev = self.generator.device
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
+        return out.loss, int(mask.sum())

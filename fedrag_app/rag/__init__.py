@@ -1,0 +1,1 @@
+"""The RAG system: knowledge store, retriever, generator. Nothing here knows about Flower."""

@@ -1,0 +1,33 @@
+"""Split documents into overlapping token windows of the context encoder's tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedrag_app.data import Document
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: int  # stable integer point id: document index * 10_000 + window index
+    doc_id: str
+    title: str
+    text: str
+
+
+def chunk_documents(docs: list[Document], tokenizer, size: int, overlap: int) -> list[Chunk]:
+    """Token windows of ``size`` with ``overlap``; the title prefixes every window of its doc."""
+    if not 0 <= overlap < size:
+        raise ValueError(f"chunk overlap ({overlap}) must be >= 0 and < chunk size ({size})")
+    step = size - overlap
+    chunks: list[Chunk] = []
+    for d, doc in enumerate(docs):
+        enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        starts = range(0, max(len(offsets) - overlap, 1), step) if offsets else [0]
+        for w, start in enumerate(starts):
+            window = offsets[start : start + size]
+            text = doc.text[window[0][0] : window[-1][1]] if window else doc.text
+            text = f"{doc.title}: {text}" if doc.title else text
+            chunks.append(Chunk(d * 10_000 + w, doc.id, doc.title, text))
+    return chunks

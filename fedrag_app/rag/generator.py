@@ -1,0 +1,182 @@
+"""Causal LM generator with PEFT LoRA adapters, chat-template prompts and answer scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedrag_app.rag.device import pick_device, pick_dtype
+from fedrag_app.rag.models import resolve_model
+
+SYSTEM_PROMPT = (
+    "Answer the question using the context. Reply with the short answer only: "
+    "a term, a name, an expansion or a year."
+)
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class Generator:
+    def __init__(
+        self,
+        model_ref: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        lora: LoraSettings | None = None,
+        adapter: str | Path | None = None,
+        max_context_chars: int = 700,
+    ) -> None:
+        path = resolve_model(model_ref)
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
+        if adapter:
+            self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        else:
+            lora = lora or LoraSettings()
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.targets),
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, config)
+        self.model.to(self.device)
+        self.max_context_chars = max_context_chars
+
+    # ---- prompts -------------------------------------------------------------------------
+    def prompt(self, question: str, contexts: list[str], max_chars: int | None = None) -> str:
+        limit = max_chars or self.max_context_chars
+        ctx = "\n".join(f"[{i + 1}] {c[:limit]}" for i, c in enumerate(contexts))
+        user = f"Context:\n{ctx}\n\nQuestion: {question}" if contexts else f"Question: {question}"
+        if self.tokenizer.chat_template:
+            messages = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": user},
+            ]
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return f"{SYSTEM_PROMPT}\n\n{user}\nAnswer:"
+
+    def encode_example(
+        self, question: str, contexts: list[str], answer: str, max_len: int = 640
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels; labels are IGNORE on every prompt and context token.
+
+        Too long a prompt gets shorter contexts (never a cut template or answer).
+        """
+        text = answer.strip() if self.tokenizer.chat_template else " " + answer.strip()
+        answer_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        limit = self.max_context_chars
+        while True:
+            prompt = self.prompt(question, contexts, max_chars=limit)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) + len(answer_ids) <= max_len or not contexts or limit < 40:
+                break
+            limit = int(limit * 0.75)
+        if len(prompt_ids) + len(answer_ids) > max_len:
+            raise ValueError(f"max-seq-len {max_len} is too small for question {question[:60]!r}")
+        return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+    # ---- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 8
+    ) -> list[str]:
+        """Greedy, batched, left-padded generation; returns the decoded continuations."""
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(self.device)
+            generated = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            new = generated[:, batch["input_ids"].shape[1] :]
+            out.extend(
+                t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            )
+        return out
+
+    @torch.no_grad()
+    def answer_logprobs(
+        self, examples: list[tuple[str, list[str], str]], batch_size: int = 8, max_len: int = 640
+    ) -> torch.Tensor:
+        """log p(answer | contexts, question) summed over answer tokens, for each example."""
+        self.model.eval()
+        scores: list[torch.Tensor] = []
+        for start in range(0, len(examples), batch_size):
+            encoded = [
+                self.encode_example(q, c, a, max_len)
+                for q, c, a in examples[start : start + batch_size]
+            ]
+            ids, labels, mask = pad_batch(encoded, self.tokenizer.pad_token_id)
+            ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            logp = torch.log_softmax(logits, dim=-1)
+            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores.append((picked * (target != IGNORE)).sum(dim=-1).cpu())
+        return torch.cat(scores) if scores else torch.empty(0)
+
+    # ---- trainable state -----------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.trainable_parameters().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable_parameters()
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(
+                f"generator state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+            )
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.dtype))
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """A PEFT adapter folder, loadable with ``PeftModel.from_pretrained``."""
+        self.model.save_pretrained(str(folder))
+
+
+def pad_batch(
+    encoded: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example in THIS batch (dynamic padding)."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask

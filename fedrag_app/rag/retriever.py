@@ -1,0 +1,110 @@
+"""Dual-encoder retriever: a trainable query encoder and a frozen context encoder.
+
+Only the query encoder is ever trained (as in RA-DIT): the context encoder made the store's
+embeddings, so keeping it frozen means a store never needs re-indexing after fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from fedrag_app.rag.device import pick_device
+from fedrag_app.rag.models import resolve_model
+
+
+class Retriever:
+    def __init__(
+        self,
+        query_model: str,
+        context_model: str = "",
+        device: str = "cpu",
+        lora_r: int = 0,
+    ) -> None:
+        self.device = pick_device(device)
+        self.query_ref = query_model
+        self.context_ref = context_model or query_model
+        self.query_encoder = SentenceTransformer(
+            resolve_model(query_model), device=str(self.device)
+        )
+        self.context_encoder = SentenceTransformer(
+            resolve_model(self.context_ref), device=str(self.device)
+        )
+        self.context_encoder.eval()
+        self.context_encoder.requires_grad_(False)
+        self.lora_r = lora_r
+        if lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            module = self.query_encoder[0]
+            module.auto_model = get_peft_model(
+                module.auto_model,
+                LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["query", "value"]),
+            )
+
+    @property
+    def dim(self) -> int:
+        enc = self.context_encoder
+        get = getattr(enc, "get_embedding_dimension", None) or enc.get_sentence_embedding_dimension
+        return int(get())
+
+    @property
+    def tokenizer(self):
+        """The context encoder's tokenizer: chunks are measured in its tokens."""
+        return self.context_encoder.tokenizer
+
+    def encode_queries(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        self.query_encoder.eval()
+        return self.query_encoder.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
+
+    def encode_contexts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.context_encoder.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
+
+    def query_embeddings(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Normalized query embeddings WITH gradients to the query encoder (for LSR), and the
+        number of tokens encoded."""
+        encoder = self.query_encoder
+        features = (encoder.preprocess if hasattr(encoder, "preprocess") else encoder.tokenize)(texts)
+        features = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
+        }
+        emb = self.query_encoder(features)["sentence_embedding"]
+        return torch.nn.functional.normalize(emb, dim=-1), int(features["attention_mask"].sum())
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        params = dict(self.query_encoder.named_parameters())
+        if self.lora_r > 0:
+            return {k: p for k, p in params.items() if "lora_" in k}
+        return params
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.trainable_parameters().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable_parameters()
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(
+                f"retriever state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+            )
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.dtype))
+
+    def save(self, folder: str | Path) -> None:
+        """A plain sentence-transformers folder (LoRA merged), loadable with SentenceTransformer."""
+        if self.lora_r > 0:
+            import copy
+
+            merged = copy.deepcopy(self.query_encoder)
+            merged[0].auto_model = merged[0].auto_model.merge_and_unload()
+            merged.save(str(folder))
+        else:
+            self.query_encoder.save(str(folder))

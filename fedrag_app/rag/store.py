@@ -1,0 +1,186 @@
+"""Qdrant knowledge stores: embedded on disk (default), in memory, or a Qdrant server.
+
+A store is built into a collection named after its fingerprint (corpus digest, chunking and
+context encoder) and published by pointing the alias ``<name>`` at it only once every point is
+in. An interrupted build therefore never looks complete: the next run sees no alias (or the old
+one) and rebuilds. Stores hold context-encoder embeddings, which never change during
+fine-tuning (only the query encoder trains), so they are never re-indexed after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from tqdm.auto import tqdm
+
+from fedrag_app.rag.chunking import Chunk
+
+log = logging.getLogger(__name__)
+SCHEMA = 1
+
+
+@dataclass
+class Hit:
+    id: int
+    doc_id: str
+    title: str
+    text: str
+    score: float
+    vector: np.ndarray | None = None
+
+
+def fingerprint(corpus_digest: str, encoder_id: str, dim: int, size: int, overlap: int) -> str:
+    blob = json.dumps([SCHEMA, corpus_digest, encoder_id, dim, size, overlap])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_store_dir() -> Path:
+    from fedrag_app.rag.models import cache_dir
+
+    return cache_dir() / "stores"
+
+
+class KnowledgeStore:
+    """One client's collection; use as a context manager so embedded folders are unlocked."""
+
+    def __init__(self, client: QdrantClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        mode: str = "embedded",
+        store_dir: str | Path = "",
+        url: str = "",
+        api_key_env: str = "QDRANT_API_KEY",
+    ) -> KnowledgeStore:
+        if mode == "memory":
+            client = QdrantClient(location=":memory:")
+        elif mode == "embedded":
+            folder = Path(store_dir or default_store_dir()) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            client = QdrantClient(path=str(folder))
+        elif mode == "server":
+            if not url:
+                raise ValueError("store-mode 'server' needs config key 'qdrant-url'")
+            # The key is read from the environment only; it is never logged or written out.
+            client = QdrantClient(url=url, api_key=os.environ.get(api_key_env) or None)
+        else:
+            raise ValueError(f"unknown store mode {mode!r}: expected embedded, memory or server")
+        return cls(client, name)
+
+    def __enter__(self) -> KnowledgeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _target(self) -> str | None:
+        for alias in self.client.get_aliases().aliases:
+            if alias.alias_name == self.name:
+                return alias.collection_name
+        return None
+
+    def is_current(self, fp: str) -> bool:
+        return self._target() == f"{self.name}--{fp}"
+
+    def build(
+        self,
+        fp: str,
+        make_chunks: Callable[[], list[Chunk]],
+        embed: Callable[[list[str]], np.ndarray],
+        dim: int,
+        batch_size: int = 128,
+        progress: bool = True,
+    ) -> bool:
+        """Index unless the alias already points at a complete build of ``fp``; True if built."""
+        if self.is_current(fp):
+            return False
+        collection = f"{self.name}--{fp}"
+        if self.client.collection_exists(collection):  # a half-built leftover
+            self.client.delete_collection(collection)
+        self.client.create_collection(
+            collection,
+            vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+        )
+        chunks = make_chunks()
+        bar = tqdm(
+            total=len(chunks), desc=f"indexing {self.name}", unit="chunk", disable=not progress
+        )
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks[start : start + batch_size]
+            vectors = embed([c.text for c in batch])
+            self.client.upsert(
+                collection,
+                points=[
+                    models.PointStruct(
+                        id=c.id,
+                        vector=v.tolist(),
+                        payload={"doc_id": c.doc_id, "title": c.title, "text": c.text},
+                    )
+                    for c, v in zip(batch, vectors, strict=True)
+                ],
+                wait=True,
+            )
+            bar.update(len(batch))
+        bar.close()
+        old = self._target()
+        ops: list = (
+            []
+            if old is None
+            else [
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.name))
+            ]
+        )
+        ops.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=self.name)
+            )
+        )
+        self.client.update_collection_aliases(change_aliases_operations=ops)
+        if old and old != collection:
+            self.client.delete_collection(old)
+        log.info("indexed %d chunks into %s", len(chunks), collection)
+        return True
+
+    def count(self) -> int:
+        return self.client.count(self.name).count
+
+    def search(self, vectors: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
+        """Top-k chunks for each query vector, with Qdrant's own nearest-neighbour search."""
+        if self._target() is None:
+            raise RuntimeError(f"store {self.name!r} has not been indexed yet (run `fedrag index`)")
+        requests = [
+            models.QueryRequest(
+                query=v.tolist(), limit=k, with_payload=True, with_vector=with_vectors
+            )
+            for v in np.asarray(vectors, dtype=np.float32)
+        ]
+        responses = self.client.query_batch_points(self.name, requests=requests)
+        return [
+            [
+                Hit(
+                    id=int(p.id),
+                    doc_id=p.payload["doc_id"],
+                    title=p.payload.get("title", ""),
+                    text=p.payload["text"],
+                    score=float(p.score),
+                    vector=np.asarray(p.vector, dtype=np.float32) if with_vectors else None,
+                )
+                for p in r.points
+            ]
+            for r in responses
+        ]

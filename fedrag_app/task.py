@@ -1,0 +1,175 @@
+"""The ONE local path that centralized runs and the Flower ClientApp share.
+
+Open a client's store (indexing it if needed), build the RAG system from settings, train it
+locally in the configured mode, and evaluate it. Nothing here knows about Flower messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedrag_app.config import Settings
+from fedrag_app.data import ClientData, file_digest
+from fedrag_app.evaluation import evaluate_system, summarize
+from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
+from fedrag_app.finetune.lsr import LsrLoss
+from fedrag_app.finetune.ralt import RaltLoss, raft_examples, ralt_examples
+from fedrag_app.rag.chunking import chunk_documents
+from fedrag_app.rag.generator import Generator, LoraSettings
+from fedrag_app.rag.retriever import Retriever
+from fedrag_app.rag.store import KnowledgeStore, fingerprint
+from fedrag_app.rag.system import RAGSystem
+
+
+def build_retriever(s: Settings, query_dir: str | Path | None = None) -> Retriever:
+    """``query_dir``: a fine-tuned query encoder; the context encoder stays the base model."""
+    return Retriever(
+        str(query_dir) if query_dir else s.retriever_model,
+        context_model=s.context_model or s.retriever_model,
+        device=s.device,
+        lora_r=0 if query_dir else s.retriever_lora_r,
+    )
+
+
+def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator:
+    lora = LoraSettings(
+        r=s.lora_r,
+        alpha=s.lora_alpha,
+        dropout=s.lora_dropout,
+        targets=tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()),
+    )
+    return Generator(s.generator_model, device=s.device, dtype=s.dtype, lora=lora, adapter=adapter)
+
+
+def store_name(client: ClientData) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", client.name)
+
+
+def open_store(
+    client: ClientData, s: Settings, retriever: Retriever, progress: bool = True
+) -> KnowledgeStore:
+    """Open the client's private store and index its corpus unless an identical build exists."""
+    store = KnowledgeStore.open(
+        store_name(client), s.store_mode, s.store_dir, s.qdrant_url, s.qdrant_api_key_env
+    )
+    try:
+        corpus_file = client.file("corpus")
+        fp = fingerprint(
+            file_digest(corpus_file),
+            retriever.context_ref,
+            retriever.dim,
+            s.chunk_tokens,
+            s.chunk_overlap,
+        )
+        store.build(
+            fp,
+            lambda: chunk_documents(
+                client.corpus(), retriever.tokenizer, s.chunk_tokens, s.chunk_overlap
+            ),
+            retriever.encode_contexts,
+            retriever.dim,
+            progress=progress,
+        )
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+@contextlib.contextmanager
+def open_stores(
+    clients: list[ClientData], s: Settings, retriever: Retriever, progress: bool = True
+) -> Iterator[list[KnowledgeStore]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(open_store(c, s, retriever, progress)) for c in clients]
+
+
+def evaluate_local(
+    clients: list[ClientData],
+    s: Settings,
+    retriever: Retriever,
+    generator: Generator,
+    progress: bool = True,
+) -> tuple[dict, dict[str, list[dict]]]:
+    """``{"overall": {...}, "clients": {name: {...}}}`` and per-question records per client."""
+    per_client: dict[str, dict] = {}
+    records: dict[str, list[dict]] = {}
+    with open_stores(clients, s, retriever, progress) as stores:
+        for client, store in zip(clients, stores, strict=True):
+            system = RAGSystem(retriever, generator, store, s.top_k)
+            qa = client.qa("eval", s.eval_limit)
+            per_client[client.name], records[client.name] = evaluate_system(
+                system, qa, s.max_new_tokens, progress=progress, desc=f"eval {client.name}"
+            )
+    overall = summarize([r for rs in records.values() for r in rs], s.top_k)
+    return {"overall": overall, "clients": per_client}, records
+
+
+def train_local(
+    clients: list[ClientData],
+    s: Settings,
+    retriever: Retriever,
+    generator: Generator,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fine-tune in place on the pooled train sets of ``clients``; returns numeric metrics.
+
+    Mode ``both`` trains the retriever first (LSR, ``local-steps`` steps), then the generator
+    (RALT, ``local-steps`` steps) on contexts retrieved with the freshly trained query encoder.
+    """
+    seed_everything(s.seed)
+    rng = random.Random(s.seed)
+    start = time.perf_counter()
+    pairs = [(i, p) for i, c in enumerate(clients) for p in c.qa("train")]
+    metrics: dict[str, float] = {"num-examples": float(len(pairs))}
+    loop = dict(
+        steps=s.local_steps,
+        warmup_ratio=s.warmup_ratio,
+        max_grad_norm=s.max_grad_norm,
+        grad_accum=s.grad_accum,
+        autocast_bf16=s.autocast_bf16,
+        proximal_mu=s.proximal_mu,
+        progress=progress,
+    )
+    with open_stores(clients, s, retriever, progress) as stores:
+        if s.mode in ("retriever", "both"):
+            loss = LsrLoss(
+                retriever, generator, stores, s.lsr_k, s.lsr_gamma, s.lsr_tau, s.max_seq_len
+            )
+            batches = length_grouped_batches(pairs, lambda x: len(x[1].question), s.batch_size, rng)
+            res = run_loop(
+                retriever.trainable_parameters(),
+                batches,
+                loss,
+                LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
+            )
+            metrics.update({f"ret-{k.replace("_", "-")}": float(v) for k, v in res.items()})
+        if s.mode in ("generator", "both"):
+            examples = []
+            for i, store in enumerate(stores):
+                mine = [p for j, p in pairs if j == i]
+                if not mine:
+                    continue
+                k = s.top_k + s.raft_distractors + 2 if s.raft_p > 0 else s.top_k
+                hits = store.search(retriever.encode_queries([p.question for p in mine]), k)
+                if s.raft_p > 0:
+                    examples += raft_examples(mine, hits, s.raft_p, s.raft_distractors, rng)
+                else:
+                    examples += ralt_examples(mine, hits, s.top_k)
+            loss = RaltLoss(generator, s.max_seq_len)
+            batches = length_grouped_batches(examples, loss.length, s.batch_size, rng)
+            res = run_loop(
+                generator.trainable_parameters(),
+                batches,
+                loss,
+                LoopSettings(lr=s.gen_lr, desc="RALT (generator)", **loop),
+            )
+            metrics.update({f"gen-{k.replace("_", "-")}": float(v) for k, v in res.items()})
+    metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
