@@ -70,6 +70,7 @@ class Settings:
     output_dir: str = "outputs"
     resume: str = ""
     federated_query: bool = False
+    query_question: str = ""
 
     def __post_init__(self) -> None:
         choices = {

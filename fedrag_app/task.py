@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from fedrag_app.config import Settings
-from fedrag_app.data import ClientData, file_digest
+from fedrag_app.data import ClientData, file_digest, resolve_clients
 from fedrag_app.evaluation import evaluate_system, summarize
 from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
 from fedrag_app.finetune.lsr import LsrLoss
@@ -148,7 +150,7 @@ def train_local(
                 loss,
                 LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
             )
-            metrics.update({f"ret-{k.replace("_", "-")}": float(v) for k, v in res.items()})
+            metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
         if s.mode in ("generator", "both"):
             examples = []
             for i, store in enumerate(stores):
@@ -169,7 +171,71 @@ def train_local(
                 loss,
                 LoopSettings(lr=s.gen_lr, desc="RALT (generator)", **loop),
             )
-            metrics.update({f"gen-{k.replace("_", "-")}": float(v) for k, v in res.items()})
+            metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
     metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+# ---- weights in, weights out: what a Flower client does with a message ---------------------
+_MODELS: dict[tuple, tuple[Retriever, Generator]] = {}
+
+
+def load_models(s: Settings, cache_key: object = None) -> tuple[Retriever, Generator]:
+    """Build (or reuse, within one process and run) the retriever and generator.
+
+    Reuse is safe because every message overwrites the trainable state it carries.
+    """
+    key = (
+        cache_key,
+        s.retriever_model,
+        s.context_model,
+        s.generator_model,
+        s.device,
+        s.dtype,
+        s.lora_r,
+        s.lora_alpha,
+        s.lora_dropout,
+        s.lora_targets,
+        s.retriever_lora_r,
+    )
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = (build_retriever(s), build_generator(s))
+    return _MODELS[key]
+
+
+def trainable_states(
+    mode: str, retriever: Retriever, generator: Generator
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors a mode trains: only these travel between server and clients."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    if mode in ("generator", "both"):
+        states["generator"] = generator.trainable_state()
+    if mode in ("retriever", "both"):
+        states["retriever"] = retriever.trainable_state()
+    return states
+
+
+def apply_states(
+    states: dict[str, dict[str, torch.Tensor]], retriever: Retriever, generator: Generator
+) -> None:
+    if "generator" in states:
+        generator.load_trainable_state(states["generator"])
+    if "retriever" in states:
+        retriever.load_trainable_state(states["retriever"])
+
+
+def node_client(node_config: dict, s: Settings) -> ClientData:
+    """Deployment: ``data-path`` in node_config. Simulation: ``partition-id`` picks one of the
+    sorted client folders of ``data-root`` (the demo by default)."""
+    if "data-path" in node_config:
+        return resolve_clients([str(node_config["data-path"])])[0]
+    clients = resolve_clients([s.data_root] if s.data_root else None)
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if num != len(clients):
+        raise ValueError(
+            f"{num} SuperNodes but {len(clients)} client folders in data-root "
+            f"{s.data_root or '(demo)'}: run with num-supernodes={len(clients)}"
+        )
+    return clients[pid]

@@ -71,7 +71,9 @@ class Retriever:
         """Normalized query embeddings WITH gradients to the query encoder (for LSR), and the
         number of tokens encoded."""
         encoder = self.query_encoder
-        features = (encoder.preprocess if hasattr(encoder, "preprocess") else encoder.tokenize)(texts)
+        features = (encoder.preprocess if hasattr(encoder, "preprocess") else encoder.tokenize)(
+            texts
+        )
         features = {
             k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
         }

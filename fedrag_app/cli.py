@@ -1,0 +1,207 @@
+"""`fedrag` command: index, query, eval, train --centralized, compare, import-hf."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedrag_app.config import Settings, parse_overrides, settings_from
+from fedrag_app.data import DataError, resolve_clients
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="DIR",
+        help="client folder or data root (repeatable; default: the packaged demo)",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        metavar="'KEY=VALUE ...'",
+        help="override [tool.flwr.app.config] keys, e.g. -c 'top-k=5 device=cuda'",
+    )
+    p.add_argument("--retriever-model", help="query/context encoder: hub id or local folder")
+    p.add_argument("--generator-model", help="causal LM: hub id or local folder")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--store-dir", help="folder for embedded Qdrant stores")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _finetuned(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="a LoRA adapter folder (e.g. OUT/adapter)")
+    p.add_argument("--retriever", help="a fine-tuned query encoder folder (e.g. OUT/retriever)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_from(
+        parse_overrides(args.config),
+        retriever_model=args.retriever_model,
+        generator_model=args.generator_model,
+        device=args.device,
+        dtype=args.dtype,
+        store_dir=args.store_dir,
+    )
+
+
+def _table(summary: dict) -> str:
+    rows = [("client", "n", "EM", "F1", "recall@k", "MRR")]
+    items = [*summary["clients"].items(), ("overall", summary["overall"])]
+    for name, m in items:
+        rows.append(
+            (name, str(m["n"]), f"{m['em']:.1f}", f"{m['f1']:.1f}", f"{m['recall_at_k']:.1f}",
+             f"{m['mrr']:.3f}")
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from fedrag_app.task import build_retriever, open_store
+
+    s = _settings(args)
+    retriever = build_retriever(s)
+    for client in resolve_clients(args.data):
+        with open_store(client, s, retriever, progress=not args.quiet) as store:
+            print(f"{client.name}: {store.count()} chunks in store '{store.name}'")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from fedrag_app.rag.system import RAGSystem
+    from fedrag_app.task import build_generator, build_retriever, open_store
+
+    s = _settings(args)
+    retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
+    for client in resolve_clients(args.data):
+        with open_store(client, s, retriever, progress=not args.quiet) as store:
+            answer = RAGSystem(retriever, generator, store, s.top_k).answer(
+                [args.question], s.max_new_tokens
+            )[0]
+        print(f"[{client.name}] answer: {answer.text}")
+        for rank, hit in enumerate(answer.sources, start=1):
+            print(f"  {rank}. ({hit.score:.3f}) {hit.doc_id}: {hit.text[:160]}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedrag_app.task import build_generator, build_retriever, evaluate_local
+
+    s = _settings(args)
+    if args.limit is not None:
+        s = s.replace(eval_limit=args.limit)
+    retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
+    summary, _ = evaluate_local(resolve_clients(args.data), s, retriever, generator, not args.quiet)
+    print(_table(summary))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedrag_app.centralized import run_centralized
+
+    if not args.centralized:
+        print(
+            "federated training runs through Flower: `flwr run .` (see README); "
+            "pass --centralized for an in-process run",
+            file=sys.stderr,
+        )
+        return 2
+    s = _settings(args)
+    if args.mode:
+        s = s.replace(mode=args.mode)
+    result = run_centralized(resolve_clients(args.data), s, args.out, progress=not args.quiet)
+    print("before:\n" + _table(result["before"]))
+    print("after:\n" + _table(result["after"]))
+    print(f"wrote {args.out}/metrics.json, adapter/, retriever/ in {result['seconds']:.0f} s")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from fedrag_app.hf_import import import_hf
+
+    folders = import_hf(
+        Path(args.out),
+        args.clients,
+        qa_dataset=args.qa_dataset,
+        corpus_dataset=args.corpus_dataset,
+        qa_split=args.qa_split,
+        corpus_split=args.corpus_split,
+        question_column=args.question_column,
+        answer_column=args.answer_column,
+        text_column=args.text_column,
+        title_column=args.title_column,
+        partitioner=args.partitioner,
+        partition_by=args.partition_by,
+    )
+    print("\n".join(str(f) for f in folders))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="build (or reuse) each client's Qdrant store")
+    _common(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("query", help="answer a question with its sources")
+    _common(p)
+    _finetuned(p)
+    p.add_argument("question")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("eval", help="EM, F1, recall@k and MRR per client and overall")
+    _common(p)
+    _finetuned(p)
+    p.add_argument("--limit", type=int, help="questions per client (config key eval-limit)")
+    p.add_argument("--json", metavar="OUT.json", help="write the summary as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune in-process (federated runs use `flwr run`)")
+    _common(p)
+    p.add_argument("--centralized", action="store_true", help="train in this process")
+    p.add_argument("--mode", choices=["generator", "retriever", "both"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("import-hf", help="Hugging Face datasets -> per-client folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--qa-dataset", required=True, help="hub id, or 'json' with --qa-files")
+    p.add_argument("--corpus-dataset", required=True)
+    p.add_argument("--qa-split", default="train")
+    p.add_argument("--corpus-split", default="train")
+    p.add_argument("--question-column", default="question")
+    p.add_argument("--answer-column", default="answer")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--title-column", default="")
+    p.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument("--partition-by", default="")
+    p.set_defaults(func=cmd_import_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (DataError, ValueError, KeyError, RuntimeError) as err:
+        print(f"fedrag {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

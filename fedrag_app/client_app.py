@@ -1,0 +1,74 @@
+"""Flower ClientApp: thin handlers over ``task``. Only weights and numbers leave the client."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrag_app import task
+from fedrag_app.config import Settings, settings_from
+from fedrag_app.weights import nbytes, pack, unpack
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[Settings, task.ClientData]:
+    """Run config, then per-message config (e.g. FedProx's proximal-mu), then node config."""
+    config = dict(context.run_config)
+    config.update(dict(msg.content.get("config", ConfigRecord())))
+    node = dict(context.node_config)
+    for key in ("store-path", "qdrant-url"):
+        if key in node:
+            config[{"store-path": "store-dir"}.get(key, key)] = node[key]
+    s = settings_from(config)
+    return s, task.node_client(node, s)
+
+
+def _load(msg: Message, context: Context, s: Settings):
+    retriever, generator = task.load_models(s, cache_key=context.run_id)
+    arrays = msg.content["arrays"]
+    task.apply_states(unpack(arrays), retriever, generator)
+    return retriever, generator, nbytes(arrays)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    s, client = _setup(msg, context)
+    retriever, generator, down = _load(msg, context, s)
+    metrics = task.train_local([client], s, retriever, generator, progress=False)
+    arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
+    metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays))})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    s, client = _setup(msg, context)
+    retriever, generator, _ = _load(msg, context, s)
+    start = time.perf_counter()
+    summary, _ = task.evaluate_local([client], s, retriever, generator, progress=False)
+    m = summary["overall"]
+    metrics = {key: float(m[key]) for key in ("em", "f1", "recall_at_k", "mrr")}
+    metrics.update({"num-examples": float(m["n"]), "seconds": time.perf_counter() - start})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Federated retrieval: this client's top-k chunk texts for a question. Off by default,
+    because it sends retrieved text to the server."""
+    s, client = _setup(msg, context)
+    if not s.federated_query:
+        raise PermissionError("federated-query is false: this client shares no retrieved text")
+    retriever, generator = task.load_models(s, cache_key=context.run_id)
+    if "arrays" in msg.content:
+        task.apply_states(unpack(msg.content["arrays"]), retriever, generator)
+    config = msg.content["config"]
+    with task.open_store(client, s, retriever, progress=False) as store:
+        vector = retriever.encode_queries([str(config["question"])])
+        hits = store.search(vector, int(config.get("k", s.top_k)))[0]
+    record = ConfigRecord({"texts": [h.text for h in hits], "scores": [h.score for h in hits]})
+    return Message(content=RecordDict({"hits": record}), reply_to=msg)

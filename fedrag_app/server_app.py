@@ -1,0 +1,129 @@
+"""Flower ServerApp: initial state out, Flower strategy rounds, checkpoints, history, export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedrag_app import task
+from fedrag_app.config import Settings, settings_from
+from fedrag_app.finetune.loop import seed_everything
+from fedrag_app.history import History
+from fedrag_app.run_folder import RunFolder
+from fedrag_app.strategies import make_strategy
+from fedrag_app.weights import nbytes, pack, unpack
+
+app = ServerApp()
+log = logging.getLogger("fedrag_app.server")
+
+
+def record_history(strategy: Strategy, history: History, offset: int, down: int) -> None:
+    """Log every reply's metrics per client (node) before the strategy aggregates them."""
+    aggregate_train, aggregate_evaluate = strategy.aggregate_train, strategy.aggregate_evaluate
+
+    def per_client(server_round: int, stage: str, replies: list[Message]) -> None:
+        for msg in replies:
+            node = f"node-{msg.metadata.src_node_id}"
+            if msg.has_error():
+                history.add(server_round + offset, stage, node, {"error": 1.0})
+            else:
+                history.add(server_round + offset, stage, node, dict(msg.content["metrics"]))
+
+    def train(server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        per_client(server_round, "train", replies)
+        arrays, metrics = aggregate_train(server_round, replies)
+        agg = dict(metrics or {})
+        agg["bytes-down"] = float(down * len(replies))
+        agg["bytes-up"] = float(
+            sum(nbytes(m.content["arrays"]) for m in replies if m.has_content())
+        )
+        history.add(server_round + offset, "train", "aggregated", agg)
+        return arrays, metrics
+
+    def evaluate(server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        per_client(server_round, "evaluate", replies)
+        metrics = aggregate_evaluate(server_round, replies)
+        history.add(server_round + offset, "evaluate", "aggregated", dict(metrics or {}))
+        return metrics
+
+    strategy.aggregate_train, strategy.aggregate_evaluate = train, evaluate
+
+
+def exporter(s: Settings, retriever, generator):
+    def export(folder: Path, arrays: ArrayRecord) -> None:
+        task.apply_states(unpack(arrays), retriever, generator)
+        generator.save_adapter(folder / "adapter")
+        if s.mode in ("retriever", "both"):
+            retriever.save(folder / "retriever")
+
+    return export
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    s = settings_from(context.run_config)
+    run = RunFolder.create(s.output_dir, s.resume)
+    seed_everything(s.seed)  # identical initial LoRA weights for identical seeds
+    retriever, generator = task.load_models(s)
+    initial = run.checkpoint_arrays() or pack(
+        task.trainable_states(s.mode, retriever, generator), s.wire_dtype
+    )
+    export = exporter(s, retriever, generator)
+    strategy = make_strategy(s)
+    record_history(strategy, run.history, run.start_round, nbytes(initial))
+    print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
+
+    if run.start_round == 0 and s.fraction_evaluate > 0:  # the base system, as round 0
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(0, initial, ConfigRecord(), grid), timeout=s.round_timeout
+        )
+        strategy.aggregate_evaluate(0, replies)
+        run.history.save(run.path)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            done = server_round + run.start_round
+            run.save_checkpoint(done, arrays, lambda folder: export(folder, arrays))
+        return None
+
+    rounds = s.num_server_rounds - run.start_round
+    start = time.perf_counter()
+    result = strategy.start(
+        grid,
+        initial,
+        num_rounds=max(rounds, 0),
+        timeout=s.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=checkpoint,
+    )
+    final = result.arrays or initial
+    export(run.path / "final", final)
+    run.history.save(run.path)
+    _summary(run, time.perf_counter() - start)
+
+    if s.federated_query and s.query_question:
+        from fedrag_app.federated_query import federated_retrieve
+
+        contexts = federated_retrieve(grid, s.query_question, s.top_k, s.round_timeout)
+        answer = generator.generate(
+            [generator.prompt(s.query_question, contexts)], s.max_new_tokens
+        )
+        print(f"federated query: {s.query_question!r} -> {answer[0]!r}")
+
+
+def _summary(run: RunFolder, seconds: float) -> None:
+    print(f"fedrag: finished in {seconds:.0f} s; outputs in {run.path}")
+    for row in run.history.rows:
+        if row["client"] == "aggregated" and row["stage"] == "evaluate" and "em" in row:
+            print(
+                f"  round {row['round']}: EM {row['em']:.1f}  F1 {row['f1']:.1f}  "
+                f"recall@k {row['recall_at_k']:.1f}  MRR {row['mrr']:.3f}"
+            )
