@@ -106,7 +106,7 @@ def resolve_model(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         return str(path)
-    tried.append(f"local folder {path} (not found)")
+    tried.append(f"local folder {ref} (not found)")
     if "/" in ref and not ref.startswith((".", "/", "~")):
         cached = _hub_cached(ref)
         if cached:

@@ -1,0 +1,29 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedrag_app.config import Settings, parse_overrides, settings_from
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_config_matches_settings_defaults():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == Settings().to_config()
+
+
+def test_overrides_are_typed_and_unknown_keys_named():
+    s = settings_from(parse_overrides(["top-k=5 device=cuda autocast-bf16=true gen-lr=1e-3"]))
+    assert (s.top_k, s.device, s.autocast_bf16, s.gen_lr) == (5, "cuda", True, 1e-3)
+    with pytest.raises(ValueError, match="unknown config key 'top_k'"):
+        parse_overrides(["top_k=5"])
+    with pytest.raises(ValueError, match="'top-k': expected int"):
+        settings_from({"top-k": "many"})
+    with pytest.raises(ValueError, match="'mode' = 'all'"):
+        settings_from({"mode": "all"})
+
+
+def test_flower_keys_are_ignored_and_message_config_wins():
+    s = settings_from({"server-round": 3, "proximal-mu": 0.5})
+    assert s.proximal_mu == 0.5

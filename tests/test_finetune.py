@@ -1,0 +1,134 @@
+"""The properties FedRAG gets wrong, each checked by a test that fails if they break."""
+
+import random
+
+import pytest
+import torch
+
+from fedrag_app.data import QAPair, resolve_clients
+from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop
+from fedrag_app.finetune.lsr import LsrLoss
+from fedrag_app.finetune.ralt import Example, RaltLoss, raft_examples, ralt_examples
+from fedrag_app.rag.generator import IGNORE
+from fedrag_app.rag.store import Hit
+from fedrag_app.task import build_generator, build_retriever, open_store, train_local
+
+
+def _pairs(client):
+    return [(0, p) for p in client.qa("train")]
+
+
+def test_lsr_gradient_reaches_query_encoder_only(tiny_settings, toy_root):
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever, generator = build_retriever(tiny_settings), build_generator(tiny_settings)
+    with open_store(client, tiny_settings, retriever, progress=False) as store:
+        loss_fn = LsrLoss(retriever, generator, [store], k=3, gamma=0.05, tau=1.0)
+        loss, tokens = loss_fn(_pairs(client)[:4])
+        assert loss.requires_grad and loss.item() >= 0 and tokens > 0
+        loss.backward()
+        grads = [p.grad for p in retriever.trainable_parameters().values()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert all(p.grad is None for p in retriever.context_encoder.parameters())
+        assert all(p.grad is None for p in generator.model.parameters())
+
+
+def test_one_lsr_step_changes_query_not_context_encoder(tiny_settings, toy_root):
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever, generator = build_retriever(tiny_settings), build_generator(tiny_settings)
+    query_before = {k: v.clone() for k, v in retriever.trainable_state().items()}
+    context_before = {k: v.clone() for k, v in retriever.context_encoder.state_dict().items()}
+    lora_before = {k: v.clone() for k, v in generator.trainable_state().items()}
+    train_local([client], tiny_settings.replace(mode="retriever", local_steps=1, ret_lr=1e-3),
+                retriever, generator, progress=False)  # fmt: skip
+    assert any(not torch.equal(query_before[k], v) for k, v in retriever.trainable_state().items())
+    assert all(
+        torch.equal(context_before[k], v) for k, v in retriever.context_encoder.state_dict().items()
+    )
+    assert all(torch.equal(lora_before[k], v) for k, v in generator.trainable_state().items())
+
+
+def test_ralt_labels_mask_prompt_and_context(tiny_settings):
+    generator = build_generator(tiny_settings)
+    ids, labels = generator.encode_example("What does TCP stand for?", ["TCP: Transmission Control Protocol."],
+                                           "Transmission Control Protocol")  # fmt: skip
+    prompt = generator.tokenizer(generator.prompt("What does TCP stand for?", ["TCP: Transmission Control Protocol."]),
+                                 add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert ids[: len(prompt)] == prompt
+    assert all(label == IGNORE for label in labels[: len(prompt)])
+    answer = labels[len(prompt) :]
+    assert answer == ids[len(prompt) :] and IGNORE not in answer
+    assert (
+        generator.tokenizer.decode(answer, skip_special_tokens=True)
+        == "Transmission Control Protocol"
+    )
+    assert answer[-1] == generator.tokenizer.eos_token_id  # the model learns to stop
+
+
+def test_ralt_makes_k_examples_per_pair_and_only_lora_trains(tiny_settings):
+    pair = QAPair("q?", ("ans",))
+    hits = [
+        [Hit(i, f"d{i}", "", f"text {i} ans" if i == 1 else f"text {i}", 1.0) for i in range(3)]
+    ]
+    examples = ralt_examples([pair], hits, k=3)
+    assert [e.contexts for e in examples] == [("text 0",), ("text 1 ans",), ("text 2",)]
+    assert [e.has_gold for e in examples] == [False, True, False]
+    generator = build_generator(tiny_settings)
+    trainable = generator.trainable_parameters()
+    assert trainable and all("lora_" in k for k in trainable)
+
+
+def test_raft_includes_gold_at_the_configured_rate():
+    rng = random.Random(0)
+    pairs = [QAPair(f"q{i}", ("gold",)) for i in range(2000)]
+    hits = [[Hit(j, f"d{j}", "", "the gold chunk" if j == 2 else f"distractor {j}", 1.0) for j in range(5)]
+            for _ in pairs]  # fmt: skip
+    for p in (0.0, 0.3, 0.8):
+        examples = raft_examples(pairs, hits, p, distractors=2, rng=rng)
+        rate = sum(e.has_gold for e in examples) / len(examples)
+        assert abs(rate - p) < 0.04, (p, rate)
+        assert all(len(e.contexts) == (3 if e.has_gold else 2) for e in examples)
+        assert all(("the gold chunk" in e.contexts) == e.has_gold for e in examples)
+
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_ralt_loss_of_the_real_generator(tiny_settings, real_paths):
+    generator = build_generator(tiny_settings.replace(generator_model=real_paths["generator"]))
+    examples = [
+        Example(f"What is item {i}?", (f"Item {i} is called thing{i}.",), f"thing{i}")
+        for i in range(4)
+    ]
+    loss_fn = RaltLoss(generator, 256)
+    before = loss_fn(examples)[0].item()
+    batches = length_grouped_batches(examples, loss_fn.length, 4, random.Random(0))
+    run_loop(generator.trainable_parameters(), batches, loss_fn,
+             LoopSettings(steps=8, lr=2e-3, warmup_ratio=0.0, progress=False))  # fmt: skip
+    after = loss_fn(examples)[0].item()
+    assert after < before - 0.5, (before, after)
+
+
+def test_length_grouping_reduces_padding():
+    rng = random.Random(0)
+    items = [rng.randint(5, 500) for _ in range(256)]
+    grouped = length_grouped_batches(items, lambda x: x, 8, rng)
+    padded = sum(max(b) * len(b) for b in (next(grouped) for _ in range(32)))
+    naive = sum(max(items[i : i + 8]) * 8 for i in range(0, 256, 8))
+    assert padded < 0.6 * naive
+
+
+def test_proximal_term_pulls_towards_the_global_weights():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(4))
+    target = torch.ones(4)
+
+    def loss_fn(_):
+        return ((w - target) ** 2).sum(), 1
+
+    def train(mu):
+        w.data.zero_()
+        run_loop({"w": w}, iter(range(10**6)), loss_fn,
+                 LoopSettings(steps=200, lr=0.05, warmup_ratio=0.0, max_grad_norm=0, proximal_mu=mu, progress=False))  # fmt: skip
+        return w.detach().clone()
+
+    free, prox = train(0.0), train(2.0)
+    assert torch.allclose(free, target, atol=0.05)
+    assert torch.allclose(prox, target / 2, atol=0.05)  # argmin of |w-1|^2 + |w|^2
