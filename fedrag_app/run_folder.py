@@ -37,6 +37,9 @@ class RunFolder:
         path.mkdir(parents=True)
         return cls(path, History())
 
+    def save_arrays(self, name: str, arrays: ArrayRecord) -> None:
+        np.savez(self.path / name, **{k: v.numpy() for k, v in arrays.items()})
+
     def checkpoint_arrays(self) -> ArrayRecord | None:
         file = self.path / "checkpoint" / "arrays.npz"
         if not self.start_round or not file.exists():

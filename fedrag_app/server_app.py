@@ -81,6 +81,8 @@ def main(grid: Grid, context: Context) -> None:
     record_history(strategy, run.history, run.start_round, nbytes(initial))
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 
+    if run.start_round == 0:
+        run.save_arrays("initial.npz", initial)
     if run.start_round == 0 and s.fraction_evaluate > 0:  # the base system, as round 0
         replies = grid.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(), grid), timeout=s.round_timeout

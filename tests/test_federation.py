@@ -1,0 +1,137 @@
+"""Federation plumbing without processes: weights on the wire, aggregation, replies, resume."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.metadata import Metadata
+from flwr.serverapp.strategy import FedAvg
+
+from fedrag_app.history import History
+from fedrag_app.run_folder import RunFolder
+from fedrag_app.server_app import record_history
+from fedrag_app.strategies import make_strategy
+from fedrag_app.weights import nbytes, pack, unpack
+
+
+def _meta(node: int, kind: str = "train") -> Metadata:
+    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id="x", group_id="1", created_at=0.0, ttl=60.0, message_type=kind)  # fmt: skip
+
+
+def reply(node: int, value: float, n: int) -> Message:
+    arrays = ArrayRecord({"gen.w": Array(np.full(3, value, dtype=np.float32))})
+    content = RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord({"num-examples": n, "train-loss": value})}
+    )
+    return Message(content=content, metadata=_meta(node))
+
+
+def error_reply(node: int) -> Message:
+    return Message(Error(code=0, reason="DataError: bad line"), metadata=_meta(node))
+
+
+def test_pack_unpack_round_trip_with_prefixes():
+    states = {
+        "generator": {"layers.0.q_proj.lora_A.weight": torch.randn(8, 4, dtype=torch.bfloat16)},
+        "retriever": {"0.auto_model.encoder.w": torch.randn(3)},
+    }
+    record = pack(states)
+    assert sorted(record) == ["gen.layers.0.q_proj.lora_A.weight", "ret.0.auto_model.encoder.w"]
+    back = unpack(record)
+    for comp, state in states.items():
+        for key, tensor in state.items():
+            assert torch.equal(back[comp][key], tensor.float())
+    half = pack(states, "float16")
+    assert nbytes(half) < nbytes(record)
+    assert torch.allclose(
+        unpack(half)["retriever"]["0.auto_model.encoder.w"],
+        states["retriever"]["0.auto_model.encoder.w"],
+        atol=1e-2,
+    )
+    with pytest.raises(KeyError, match="no known prefix"):
+        unpack(ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}))
+
+
+def test_fedavg_weights_by_num_examples_and_survives_a_failed_client():
+    history = History()
+    strategy = FedAvg()
+    record_history(strategy, history, offset=0, down=100)
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(1, 1.0, 1), reply(2, 4.0, 3), error_reply(3)]
+    )
+    assert np.allclose(arrays["gen.w"].numpy(), (1.0 * 1 + 4.0 * 3) / 4)
+    assert metrics["train-loss"] == pytest.approx(13 / 4)
+    by_client = {r["client"]: r for r in history.rows}
+    assert by_client["node-3"]["error"] == 1.0 and by_client["node-1"]["num-examples"] == 1
+    assert by_client["aggregated"]["bytes-down"] == 300
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"]
+)
+def test_strategies_come_from_flower_and_config(name):
+    from fedrag_app.config import Settings
+
+    strategy = make_strategy(Settings(strategy=name, min_nodes=3, proximal_mu=0.1))
+    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+    assert strategy.min_available_nodes == 3
+    if name == "fedprox":
+        strategy._construct_messages = lambda record, node_ids, kind: [record]  # no Flower run here
+        record = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())[0]
+        assert record["config"]["proximal-mu"] == 0.1
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
+    from fedrag_app import task
+    from fedrag_app.client_app import evaluate, train
+
+    run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "both"}
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)  # fmt: skip
+    retriever, generator = task.load_models(tiny_settings, cache_key=7)
+    arrays = pack(task.trainable_states("both", retriever, generator))
+    instruction = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                          metadata=_meta(0))  # fmt: skip
+    out = train(instruction, context)
+    assert set(out.content) == {"arrays", "metrics"}
+    assert isinstance(out.content["arrays"], ArrayRecord) and isinstance(
+        out.content["metrics"], MetricRecord
+    )
+    assert all(k.startswith(("gen.", "ret.")) for k in out.content["arrays"])
+    assert all(isinstance(v, float) for v in out.content["metrics"].values())
+    assert out.content["metrics"]["num-examples"] == 6
+    blob = b"".join(a.data for a in out.content["arrays"].values())
+    assert b"Transmission" not in blob and b"stand for" not in blob
+    ev = evaluate(instruction, context)
+    assert set(ev.content) == {"metrics"}
+    assert {"em", "f1", "recall_at_k", "mrr", "num-examples"} <= set(ev.content["metrics"])
+
+
+def test_run_folder_checkpoint_and_resume(tmp_path):
+    run = RunFolder.create(str(tmp_path))
+    run.history.add(1, "evaluate", "aggregated", {"em": 10.0})
+    arrays = ArrayRecord({"gen.w": Array(np.arange(3, dtype=np.float32))})
+    run.save_checkpoint(1, arrays, lambda folder: (folder / "adapter").mkdir())
+    run.history.add(2, "evaluate", "aggregated", {"em": 20.0})  # a round that never checkpointed
+    resumed = RunFolder.create(str(tmp_path), resume="last")
+    assert resumed.path == run.path and resumed.start_round == 1
+    assert np.array_equal(resumed.checkpoint_arrays()["gen.w"].numpy(), np.arange(3))
+    assert [r["round"] for r in resumed.history.rows] == [1]
+    assert (run.path / "checkpoint" / "adapter").is_dir() and (run.path / "history.png").exists()
+    with pytest.raises(FileNotFoundError, match="no run with a checkpoint"):
+        RunFolder.create(str(tmp_path / "empty"), resume="last")
