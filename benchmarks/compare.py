@@ -1,0 +1,133 @@
+"""Centralized vs federated on the same data and training budget.
+
+Rows: the base system; centralized training on the pooled data of all clients; federated
+training (`flwr run`, FedAvg); each client trained alone on its own data. Every row is evaluated
+on every client's eval set. Budget: R rounds x S local steps per client federated, so pooled
+centralized gets R x S x C steps and each lone client R x S steps (what it spends federated).
+
+Run: `make compare ARGS="-c 'local-steps=20 num-server-rounds=3'"` or
+python benchmarks/compare.py [-c 'key=value ...'] [--out benchmarks/results/compare.json].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from fedrag_app.centralized import run_centralized
+from fedrag_app.config import parse_overrides, settings_from
+from fedrag_app.data import resolve_clients
+from fedrag_app.simulation import run_simulation
+
+
+def _row(name: str, summary: dict, seconds: float) -> dict:
+    row = {"system": name, "seconds": round(seconds)}
+    for client, m in summary["clients"].items():
+        row[f"{client} EM"] = round(m["em"], 1)
+    o = summary["overall"]
+    row.update(
+        {
+            "EM": round(o["em"], 1),
+            "F1": round(o["f1"], 1),
+            "recall@k": round(o["recall_at_k"], 1),
+            "MRR": round(o["mrr"], 3),
+        }
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-c", "--config", action="append", default=[])
+    parser.add_argument("--out", default="benchmarks/results/compare.json")
+    args = parser.parse_args()
+    overrides = parse_overrides(args.config)
+    s = settings_from(overrides)
+    clients = resolve_clients([s.data_root] if s.data_root else None)
+    rounds, steps, n = s.num_server_rounds, s.local_steps, len(clients)
+    work = Path(tempfile.mkdtemp(prefix="fedrag-compare-"))
+    rows = []
+
+    start = time.perf_counter()
+    pooled = run_centralized(clients, s.replace(local_steps=rounds * steps * n), work / "pooled")
+    rows.append(_row("base system (no fine-tuning)", pooled["before"], 0))
+    rows.append(
+        _row(
+            f"centralized, pooled data ({rounds * steps * n} steps)",
+            pooled["after"],
+            time.perf_counter() - start,
+        )
+    )
+
+    start = time.perf_counter()
+    config = {
+        **{k: v for k, v in s.to_config().items() if k in overrides},
+        "output-dir": str(work / "fed"),
+    }
+    fed = run_simulation(config, num_supernodes=n, log_file=work / "fed.log")
+    if not fed.ok:
+        raise SystemExit(f"federated run {fed.status}; log: {work / 'fed.log'}")
+    history = json.loads((fed.run_dir / "history.json").read_text())
+    last = max(r["round"] for r in history)
+    per_client = {
+        r["client"]: r for r in history if r["round"] == last and r["stage"] == "evaluate"
+    }
+    agg = per_client.pop("aggregated")
+    fed_summary = {
+        "overall": {
+            "em": agg["em"],
+            "f1": agg["f1"],
+            "recall_at_k": agg["recall_at_k"],
+            "mrr": agg["mrr"],
+        },
+        "clients": {k: v for k, v in sorted(per_client.items())},
+    }
+    rows.append(
+        _row(
+            f"federated, FedAvg ({rounds} rounds x {steps} steps x {n} clients)",
+            fed_summary,
+            time.perf_counter() - start,
+        )
+    )
+
+    for client in clients:
+        start = time.perf_counter()
+        alone = run_centralized([client], s.replace(local_steps=rounds * steps), work / client.name)
+        # evaluated on every client's eval set, like the others
+        from fedrag_app.task import build_generator, build_retriever, evaluate_local
+
+        retriever = (
+            build_retriever(s, work / client.name / "retriever")
+            if s.mode != "generator"
+            else build_retriever(s)
+        )
+        generator = build_generator(s, work / client.name / "adapter")
+        summary, _ = evaluate_local(clients, s, retriever, generator)
+        del alone
+        rows.append(
+            _row(
+                f"{client.name} alone ({rounds * steps} steps)",
+                summary,
+                time.perf_counter() - start,
+            )
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"config": s.to_config(), "rows": rows, "federated_history": str(fed.run_dir)}, indent=2
+        )
+    )
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
