@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,13 +34,18 @@ def _load(msg: Message, context: Context, s: Settings):
     return retriever, generator, nbytes(arrays)
 
 
+def _peak() -> dict[str, float]:
+    """Peak resident memory of this ClientApp process so far (Linux reports KiB)."""
+    return {"peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     s, client = _setup(msg, context)
     retriever, generator, down = _load(msg, context, s)
     metrics = task.train_local([client], s, retriever, generator, progress=False)
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
-    metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays))})
+    metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -52,7 +58,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     summary, _ = task.evaluate_local([client], s, retriever, generator, progress=False)
     m = summary["overall"]
     metrics = {key: float(m[key]) for key in ("em", "f1", "recall_at_k", "mrr")}
-    metrics.update({"num-examples": float(m["n"]), "seconds": time.perf_counter() - start})
+    metrics.update(
+        {"num-examples": float(m["n"]), "seconds": time.perf_counter() - start, **_peak()}
+    )
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -29,7 +29,7 @@ class Settings:
     chunk_tokens: int = 128
     chunk_overlap: int = 16
     top_k: int = 3
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     # LoRA
     lora_r: int = 8
     lora_alpha: int = 16
@@ -38,10 +38,10 @@ class Settings:
     retriever_lora_r: int = 0
     # Fine-tuning
     mode: str = "both"
-    local_steps: int = 20
+    local_steps: int = 10
     batch_size: int = 4
     grad_accum: int = 1
-    gen_lr: float = 3e-4
+    gen_lr: float = 1e-3
     ret_lr: float = 2e-5
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -54,7 +54,7 @@ class Settings:
     lsr_gamma: float = 0.05
     lsr_tau: float = 1.0
     proximal_mu: float = 0.0
-    eval_limit: int = 100
+    eval_limit: int = 50
     # Federation
     num_server_rounds: int = 3
     strategy: str = "fedavg"

@@ -90,7 +90,9 @@ def foldoc_qa(headwords: list[str], text: str) -> list[tuple[str, str]]:
 
 def jargon_clean(body: str) -> str:
     lines = body.strip().splitlines()
-    if lines and re.match(r"^\s*(/.*/,?\s*)?(n|v|adj|adv|interj|pref|suff|abbrev|excl|prep|vt|vi)\.", lines[0]):
+    if lines and re.match(
+        r"^\s*(/.*/,?\s*)?(n|v|adj|adv|interj|pref|suff|abbrev|excl|prep|vt|vi)\.", lines[0]
+    ):
         lines = lines[1:]  # pronunciation and part of speech
     return clean("\n".join(lines))
 
@@ -112,7 +114,10 @@ def build(client: str, docs: list[dict], qa_of, rng: random.Random) -> None:
     candidates = []
     for doc in docs:
         for question, answer in qa_of(doc):
-            if answer.lower() in f"{doc['title']}: {doc['text']}".lower() and len(answer.split()) <= 8:
+            if (
+                answer.lower() in f"{doc['title']}: {doc['text']}".lower()
+                and len(answer.split()) <= 8
+            ):
                 candidates.append({"question": question, "answers": [answer], "doc_id": doc["id"]})
     by_q: dict[str, dict] = {}
     for c in candidates:
@@ -135,12 +140,17 @@ def build(client: str, docs: list[dict], qa_of, rng: random.Random) -> None:
     others = [d for d in docs if d["id"] not in needed]
     rng.shuffle(others)
     keep = needed | {d["id"] for d in others[: max(0, N_DOCS - len(needed))]}
-    corpus = [{k: v for k, v in d.items() if not k.startswith("_")} for d in docs if d["id"] in keep]
+    corpus = [
+        {k: v for k, v in d.items() if not k.startswith("_")} for d in docs if d["id"] in keep
+    ]
     folder = OUT / client
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("corpus", corpus), ("train", train), ("eval", evaluation)):
         payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-        with open(folder / f"{name}.jsonl.gz", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+        with (
+            open(folder / f"{name}.jsonl.gz", "wb") as f,
+            gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz,
+        ):
             gz.write(payload)
     print(f"{client}: {len(corpus)} docs, {len(train)} train, {len(evaluation)} eval")
 
@@ -150,7 +160,9 @@ def main() -> None:
     for i, (heads, body) in enumerate(entries("foldoc")):
         text = clean(body)
         if len(text) >= 40:
-            foldoc.append({"id": f"foldoc-{i:05d}", "title": heads[0], "text": text, "_heads": heads})
+            foldoc.append(
+                {"id": f"foldoc-{i:05d}", "title": heads[0], "text": text, "_heads": heads}
+            )
     jargon = []
     for i, (heads, body) in enumerate(entries("jargon")):
         text = jargon_clean(body)
