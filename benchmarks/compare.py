@@ -76,6 +76,8 @@ def main() -> None:
         r["client"]: r for r in history if r["round"] == last and r["stage"] == "evaluate"
     }
     agg = per_client.pop("aggregated")
+    names = {float(i): c.name for i, c in enumerate(clients)}
+    per_client = {names[r["partition-id"]]: r for r in per_client.values()}
     fed_summary = {
         "overall": {
             "em": agg["em"],
@@ -95,22 +97,12 @@ def main() -> None:
 
     for client in clients:
         start = time.perf_counter()
-        alone = run_centralized([client], s.replace(local_steps=rounds * steps), work / client.name)
-        # evaluated on every client's eval set, like the others
-        from fedrag_app.task import build_generator, build_retriever, evaluate_local
-
-        retriever = (
-            build_retriever(s, work / client.name / "retriever")
-            if s.mode != "generator"
-            else build_retriever(s)
-        )
-        generator = build_generator(s, work / client.name / "adapter")
-        summary, _ = evaluate_local(clients, s, retriever, generator)
-        del alone
+        alone = run_centralized([client], s.replace(local_steps=rounds * steps), work / client.name,
+                                eval_clients=clients, evaluate_before=False)  # fmt: skip
         rows.append(
             _row(
                 f"{client.name} alone ({rounds * steps} steps)",
-                summary,
+                alone["after"],
                 time.perf_counter() - start,
             )
         )

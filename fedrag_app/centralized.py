@@ -18,9 +18,17 @@ from fedrag_app.task import build_generator, build_retriever, evaluate_local, tr
 
 
 def run_centralized(
-    clients: list[ClientData], s: Settings, out: str | Path, progress: bool = True
+    clients: list[ClientData],
+    s: Settings,
+    out: str | Path,
+    progress: bool = True,
+    eval_clients: list[ClientData] | None = None,
+    evaluate_before: bool = True,
 ) -> dict:
     """Evaluate, train, evaluate again; write OUT/metrics.json, OUT/adapter, OUT/retriever.
+
+    Training uses the pooled train sets of ``clients``; evaluation covers ``eval_clients``
+    (default: the same clients), e.g. every client's eval set for a client trained alone.
 
     Outputs are written to a temporary sibling folder and moved into place at the end, so a
     failed run never leaves a half-written OUT.
@@ -28,9 +36,14 @@ def run_centralized(
     out = Path(out)
     start = time.perf_counter()
     retriever, generator = build_retriever(s), build_generator(s)
-    before, _ = evaluate_local(clients, s, retriever, generator, progress)
+    eval_clients = eval_clients or clients
+    before = (
+        evaluate_local(eval_clients, s, retriever, generator, progress)[0]
+        if evaluate_before
+        else None
+    )
     train = train_local(clients, s, retriever, generator, progress)
-    after, records = evaluate_local(clients, s, retriever, generator, progress)
+    after, records = evaluate_local(eval_clients, s, retriever, generator, progress)
     result = {
         "before": before,
         "after": after,

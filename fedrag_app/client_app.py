@@ -34,9 +34,13 @@ def _load(msg: Message, context: Context, s: Settings):
     return retriever, generator, nbytes(arrays)
 
 
-def _peak() -> dict[str, float]:
-    """Peak resident memory of this ClientApp process so far (Linux reports KiB)."""
-    return {"peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def _peak(context: Context) -> dict[str, float]:
+    """Peak resident memory of this ClientApp process so far (Linux reports KiB), and the
+    simulation partition id, so the history can name clients."""
+    extra = {"peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if "partition-id" in context.node_config:
+        extra["partition-id"] = float(context.node_config["partition-id"])
+    return extra
 
 
 @app.train()
@@ -45,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     retriever, generator, down = _load(msg, context, s)
     metrics = task.train_local([client], s, retriever, generator, progress=False)
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
-    metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak()})
+    metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak(context)})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -59,7 +63,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     m = summary["overall"]
     metrics = {key: float(m[key]) for key in ("em", "f1", "recall_at_k", "mrr")}
     metrics.update(
-        {"num-examples": float(m["n"]), "seconds": time.perf_counter() - start, **_peak()}
+        {"num-examples": float(m["n"]), "seconds": time.perf_counter() - start, **_peak(context)}
     )
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -39,7 +39,7 @@ def record_history(strategy: Strategy, history: History, offset: int, down: int)
         replies = list(replies)
         per_client(server_round, "train", replies)
         arrays, metrics = aggregate_train(server_round, replies)
-        agg = dict(metrics or {})
+        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
         agg["bytes-down"] = float(down * len(replies))
         agg["bytes-up"] = float(
             sum(nbytes(m.content["arrays"]) for m in replies if m.has_content())
@@ -51,7 +51,8 @@ def record_history(strategy: Strategy, history: History, offset: int, down: int)
         replies = list(replies)
         per_client(server_round, "evaluate", replies)
         metrics = aggregate_evaluate(server_round, replies)
-        history.add(server_round + offset, "evaluate", "aggregated", dict(metrics or {}))
+        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
+        history.add(server_round + offset, "evaluate", "aggregated", agg)
         return metrics
 
     strategy.aggregate_train, strategy.aggregate_evaluate = train, evaluate

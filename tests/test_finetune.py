@@ -132,3 +132,30 @@ def test_proximal_term_pulls_towards_the_global_weights():
     free, prox = train(0.0), train(2.0)
     assert torch.allclose(free, target, atol=0.05)
     assert torch.allclose(prox, target / 2, atol=0.05)  # argmin of |w-1|^2 + |w|^2
+
+
+def test_answer_only_loss_matches_the_plain_full_sequence_computation(tiny_settings):
+    """The fast path (left padding, LM head on the answer positions only) equals HF's own loss
+    with labels -100 on prompt and context, example by example."""
+    from fedrag_app.rag.generator import pad_batch
+
+    generator = build_generator(tiny_settings)
+    generator.model.eval()
+    examples = [Example("What does TCP stand for?", ("TCP: Transmission Control Protocol.",), "Transmission Control Protocol"),
+                Example("Who?", ("A much longer context " * 20,), "Ana")]  # fmt: skip
+    loss_fn = RaltLoss(generator, 512)
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels, mask = pad_batch([loss_fn.encode(ex)], generator.tokenizer.pad_token_id)
+            reference = generator.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            assert torch.allclose(loss_fn([ex])[0], reference, atol=1e-5)
+        batch_scores = generator.answer_logprobs(
+            [(e.question, list(e.contexts), e.answer) for e in examples]
+        )
+        single = torch.cat(
+            [
+                generator.answer_logprobs([(e.question, list(e.contexts), e.answer)])
+                for e in examples
+            ]
+        )
+        assert torch.allclose(batch_scores, single, atol=1e-4)  # left padding changes nothing

@@ -14,7 +14,7 @@ import torch
 
 from fedrag_app.data import QAPair
 from fedrag_app.evaluation import contains_answer
-from fedrag_app.rag.generator import Generator, pad_batch
+from fedrag_app.rag.generator import Generator
 from fedrag_app.rag.store import Hit
 
 
@@ -70,11 +70,9 @@ class RaltLoss:
         return len(self.encode(ex)[0])
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
-        model = self.generator.model
-        model.train()
-        ids, labels, mask = pad_batch(
-            [self.encode(e) for e in batch], self.generator.tokenizer.pad_token_id
-        )
-        dev = self.generator.device
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
-        return out.loss, int(mask.sum())
+        """Mean negative log-likelihood over answer tokens, and the real tokens processed."""
+        self.generator.model.train()
+        encoded = [self.encode(e) for e in batch]
+        token_logp, valid = self.generator.answer_token_logprobs(encoded)
+        loss = -token_logp.sum() / valid.sum()
+        return loss, sum(len(ids) for ids, _ in encoded)

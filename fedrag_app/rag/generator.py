@@ -123,6 +123,28 @@ class Generator:
             )
         return out
 
+    def answer_token_logprobs(
+        self, encoded: list[tuple[list[int], list[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log p of the answer tokens, (B, T) with a (B, T) validity mask.
+
+        Sequences are LEFT-padded so every answer ends at the last position; the LM head and
+        the softmax then run only on the last T+1 positions (``logits_to_keep``), not on the
+        whole prompt and context: most of the vocabulary projection is skipped.
+        """
+        ids, labels, mask = pad_batch(encoded, self.tokenizer.pad_token_id, left=True)
+        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        keep = int((labels != IGNORE).sum(dim=1).max()) + 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+        ).logits[:, :-1]
+        target = labels[:, -(keep - 1) :]
+        valid = target != IGNORE
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return picked * valid, valid
+
     @torch.no_grad()
     def answer_logprobs(
         self, examples: list[tuple[str, list[str], str]], batch_size: int = 8, max_len: int = 640
@@ -131,17 +153,10 @@ class Generator:
         self.model.eval()
         scores: list[torch.Tensor] = []
         for start in range(0, len(examples), batch_size):
-            encoded = [
-                self.encode_example(q, c, a, max_len)
-                for q, c, a in examples[start : start + batch_size]
-            ]
-            ids, labels, mask = pad_batch(encoded, self.tokenizer.pad_token_id)
-            ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
-            logp = torch.log_softmax(logits, dim=-1)
-            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((picked * (target != IGNORE)).sum(dim=-1).cpu())
+            chunk = examples[start : start + batch_size]
+            encoded = [self.encode_example(q, c, a, max_len) for q, c, a in chunk]
+            token_logp, _ = self.answer_token_logprobs(encoded)
+            scores.append(token_logp.sum(dim=-1).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 
     # ---- trainable state -----------------------------------------------------------------
@@ -168,15 +183,16 @@ class Generator:
 
 
 def pad_batch(
-    encoded: list[tuple[list[int], list[int]]], pad_id: int
+    encoded: list[tuple[list[int], list[int]]], pad_id: int, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest example in THIS batch (dynamic padding)."""
+    """Pad to the longest example in THIS batch (dynamic padding), on the right or left."""
     width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, (x, y) in enumerate(encoded):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+        span = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[i, span] = torch.tensor(x)
+        labels[i, span] = torch.tensor(y)
+        mask[i, span] = 1
     return ids, labels, mask
