@@ -84,3 +84,9 @@ def test_memory_and_server_modes(tiny_settings, toy_root, monkeypatch):
         "x", "server", url="https://qdrant.example:6333", api_key_env="SITE_QDRANT_KEY"
     )
     assert seen == {"url": "https://qdrant.example:6333", "api_key": "s3cret"}
+
+
+def test_a_locked_embedded_store_gets_a_clear_error(tmp_path):
+    with KnowledgeStore.open("site", "embedded", tmp_path):
+        with pytest.raises(RuntimeError, match="open in another process.*store-dir"):
+            KnowledgeStore.open("site", "embedded", tmp_path)

@@ -69,7 +69,16 @@ class KnowledgeStore:
         elif mode == "embedded":
             folder = Path(store_dir or default_store_dir()) / name
             folder.mkdir(parents=True, exist_ok=True)
-            client = QdrantClient(path=str(folder))
+            try:
+                client = QdrantClient(path=str(folder))
+            except RuntimeError as err:
+                if "already accessed" not in str(err):
+                    raise
+                raise RuntimeError(
+                    f"store folder {folder} is open in another process (an embedded Qdrant store "
+                    "allows one process at a time): wait for it, set another 'store-dir', or use "
+                    "a Qdrant server (store-mode=server)"
+                ) from None
         elif mode == "server":
             if not url:
                 raise ValueError("store-mode 'server' needs config key 'qdrant-url'")
