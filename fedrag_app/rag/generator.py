@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedrag_app.rag.device import pick_device, pick_dtype
 from fedrag_app.rag.models import resolve_model
+from fedrag_app.rag.state import load_into
 
 SYSTEM_PROMPT = (
     "Answer the question using the context. Reply with the short answer only: "
@@ -167,15 +168,7 @@ class Generator:
         return {k: p.detach() for k, p in self.trainable_parameters().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        missing = set(params) - set(state)
-        if missing:
-            raise KeyError(
-                f"generator state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
-            )
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[k].to(p.dtype))
+        load_into(self.trainable_parameters(), state, "generator")
 
     def save_adapter(self, folder: str | Path) -> None:
         """A PEFT adapter folder, loadable with ``PeftModel.from_pretrained``."""

@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 
 from fedrag_app.rag.device import pick_device
 from fedrag_app.rag.models import resolve_model
+from fedrag_app.rag.state import load_into
 
 
 class Retriever:
@@ -90,15 +91,7 @@ class Retriever:
         return {k: p.detach() for k, p in self.trainable_parameters().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        missing = set(params) - set(state)
-        if missing:
-            raise KeyError(
-                f"retriever state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
-            )
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[k].to(p.dtype))
+        load_into(self.trainable_parameters(), state, "retriever")
 
     def save(self, folder: str | Path) -> None:
         """A plain sentence-transformers folder (LoRA merged), loadable with SentenceTransformer."""
