@@ -46,6 +46,8 @@ def _peak(context: Context) -> dict[str, float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     s, client = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
     retriever, generator, down = _load(msg, context, s)
     metrics = task.train_local([client], s, retriever, generator, progress=False)
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
