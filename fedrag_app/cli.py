@@ -199,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, ValueError, KeyError, RuntimeError) as err:
-        print(f"fedrag {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("FEDRAG_DEBUG"):
+            raise
+        print(
+            f"fedrag {args.command}: error: {err} (FEDRAG_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 
