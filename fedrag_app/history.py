@@ -73,6 +73,7 @@ class History:
                     ax.plot(x, y, style, marker="o", label=str(client))
             ax.set_title("MB per client" if key == "bytes" else key)
             ax.set_xlabel("round")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             if ax.lines:
                 ax.legend(fontsize=7)
         fig.tight_layout()

@@ -32,8 +32,11 @@ def record_history(strategy: Strategy, history: History, offset: int, down: int)
             node = f"node-{msg.metadata.src_node_id}"
             if msg.has_error():
                 history.add(server_round + offset, stage, node, {"error": 1.0})
-            else:
-                history.add(server_round + offset, stage, node, dict(msg.content["metrics"]))
+                continue
+            metrics = dict(msg.content["metrics"])
+            if "partition-id" in metrics:  # simulation: name the client by its partition
+                node = f"partition-{int(metrics['partition-id'])}"
+            history.add(server_round + offset, stage, node, metrics)
 
     def train(server_round: int, replies: Iterable[Message]):
         replies = list(replies)
