@@ -5,7 +5,8 @@
 Two clients with different sources (non-IID): ``foldoc`` (Free On-line Dictionary of
 Computing) and ``jargon`` (the Jargon File). QA pairs have short, checkable answers that appear
 verbatim in one document: acronym expansions and creators (FOLDOC), terms from their
-definitions (Jargon File). Output: fedrag_app/demo_data/<client>/{corpus,train,eval}.jsonl.gz.
+definitions (Jargon File). Output: fedrag_app/demo_data/<client>/{corpus,train,eval}.jsonl (plain JSON lines: Flower's
+app bundle carries *.jsonl but not *.gz, and both git and the bundle's zip compress them).
 """
 
 from __future__ import annotations
@@ -147,11 +148,7 @@ def build(client: str, docs: list[dict], qa_of, rng: random.Random) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("corpus", corpus), ("train", train), ("eval", evaluation)):
         payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-        with (
-            open(folder / f"{name}.jsonl.gz", "wb") as f,
-            gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz,
-        ):
-            gz.write(payload)
+        (folder / f"{name}.jsonl").write_bytes(payload)
     print(f"{client}: {len(corpus)} docs, {len(train)} train, {len(evaluation)} eval")
 
 
