@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrag_app.simulation import APP_DIR, free_port
+from fedrag_app.simulation import APP_DIR, free_port, latest_run
 
 DEPLOY = APP_DIR / "deploy"
 CONNECTION = "local-tls"
@@ -167,9 +167,7 @@ def deploy_local(
             env=env, stdout=open(logs / "flwr-run.log", "w"), stderr=subprocess.STDOUT, timeout=timeout,
         )  # fmt: skip
         del run
-        listing = json.loads(_run(["flwr", "list", CONNECTION, "--format", "json"], env))
-        latest = max(listing["runs"], key=lambda r: r.get("pending-at", ""))
-        status, run_id = latest["status"], str(latest["run-id"])
+        status, run_id = latest_run(env, CONNECTION)
     finally:
         procs.stop_all()
     return DeployResult(

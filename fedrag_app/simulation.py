@@ -97,16 +97,28 @@ def stop_local_superlink(env: dict[str, str]) -> None:
             return
 
 
-def _latest_status(env: dict[str, str]) -> tuple[str, str]:
-    out = subprocess.run(
-        ["flwr", "list", "--format", "json"], env=env, capture_output=True, text=True, timeout=60
-    )
+_COLOUR_VARS = ("FORCE_COLOR", "CLICOLOR_FORCE", "PY_COLORS", "TTY_COMPATIBLE")
+
+
+def latest_run(env: dict[str, str], connection: str | None = None) -> tuple[str, str]:
+    """(status, run id) of the newest run, from ``flwr list --format json``.
+
+    The JSON is read with colours off: Jupyter kernels export FORCE_COLOR=1, and the Flower CLI
+    then wraps every token of its "JSON" in ANSI escapes.
+    """
+    plain = {k: v for k, v in env.items() if k not in _COLOUR_VARS}
+    plain.update(NO_COLOR="1", TERM="dumb")
+    cmd = ["flwr", "list", *([connection] if connection else []), "--format", "json"]
+    out = subprocess.run(cmd, env=plain, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout)["runs"]
-    except (ValueError, KeyError):
-        return "unknown", ""
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(
+            f"could not read the run status from `{' '.join(cmd)}` (exit {out.returncode}): "
+            f"{(out.stdout + out.stderr)[-1500:]}"
+        ) from None
     if not runs:
-        return "unknown", ""
+        return "no-run", ""
     run = max(runs, key=lambda r: r.get("pending-at", ""))
     return run["status"], str(run["run-id"])
 
@@ -148,7 +160,7 @@ def run_simulation(
                 if log_file is None or os.environ.get("FEDRAG_STREAM"):
                     sys.stdout.write(line)
             proc.wait()
-        status, run_id = _latest_status(env)
+        status, run_id = latest_run(env)
     finally:
         stop_local_superlink(env)
         if flwr_home is None:
