@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+# Flower strategy classes selectable with the `strategy` key (see strategies.py).
+STRATEGIES = (
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+    "fedtrimmedavg", "krum",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -62,7 +68,9 @@ class Settings:
     fraction_evaluate: float = 1.0
     min_nodes: int = 2
     round_timeout: int = 3600
-    server_lr: float = 1e-2
+    eta: float = 1e-2
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
     tau: float = 1e-9
     beta: float = 0.2
     num_malicious: int = 0
@@ -79,9 +87,7 @@ class Settings:
             "dtype": ("float32", "bfloat16", "float16"),
             "mode": ("generator", "retriever", "both"),
             "wire_dtype": ("float32", "float16"),
-            "strategy": (
-                "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
-            ),
+            "strategy": STRATEGIES,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

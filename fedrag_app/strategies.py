@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flwr.serverapp.strategy import (
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -26,13 +28,21 @@ def make_strategy(s: Settings) -> Strategy:
     )
     if s.strategy == "fedavg":
         return FedAvg(**common)
+    if s.strategy == "fedavgm":
+        return FedAvgM(
+            **common,
+            server_learning_rate=s.server_learning_rate,
+            server_momentum=s.server_momentum,
+        )
     if s.strategy == "fedprox":
         # FedProx sends proximal-mu to clients; task.train_local adds the proximal term.
         return FedProx(**common, proximal_mu=s.proximal_mu)
     if s.strategy == "fedadam":
-        return FedAdam(**common, eta=s.server_lr, tau=s.tau)
+        return FedAdam(**common, eta=s.eta, tau=s.tau)
     if s.strategy == "fedyogi":
-        return FedYogi(**common, eta=s.server_lr, tau=s.tau)
+        return FedYogi(**common, eta=s.eta, tau=s.tau)
+    if s.strategy == "fedadagrad":
+        return FedAdagrad(**common, eta=s.eta, tau=s.tau)
     if s.strategy == "fedmedian":
         return FedMedian(**common)
     if s.strategy == "fedtrimmedavg":

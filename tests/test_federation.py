@@ -16,6 +16,7 @@ from flwr.app import (
 from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAvg
 
+from fedrag_app.config import STRATEGIES
 from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
 from fedrag_app.server_app import record_history
@@ -76,15 +77,21 @@ def test_fedavg_weights_by_num_examples_and_survives_a_failed_client():
     assert by_client["aggregated"]["bytes-down"] == 300
 
 
-@pytest.mark.parametrize(
-    "name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"]
-)
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_strategies_come_from_flower_and_config(name):
     from fedrag_app.config import Settings
 
-    strategy = make_strategy(Settings(strategy=name, min_nodes=3, proximal_mu=0.1))
+    settings = Settings(
+        strategy=name, min_nodes=3, proximal_mu=0.1, eta=0.3, server_learning_rate=2.0,
+        server_momentum=0.5,
+    )  # fmt: skip
+    strategy = make_strategy(settings)
     assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
     assert strategy.min_available_nodes == 3
+    if name == "fedavgm":
+        assert (strategy.server_learning_rate, strategy.server_momentum) == (2.0, 0.5)
+    if name in ("fedadam", "fedyogi", "fedadagrad"):
+        assert strategy.eta == 0.3
     if name == "fedprox":
         strategy._construct_messages = lambda record, node_ids, kind: [record]  # no Flower run here
         record = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())[0]
