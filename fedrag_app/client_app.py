@@ -9,21 +9,16 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_app import task
-from fedrag_app.config import Settings, settings_from
+from fedrag_app.config import Settings
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context) -> tuple[Settings, task.ClientData]:
-    """Run config, then per-message config (e.g. FedProx's proximal-mu), then node config."""
-    config = dict(context.run_config)
-    config.update(dict(msg.content.get("config", ConfigRecord())))
     node = dict(context.node_config)
-    for key in ("store-path", "qdrant-url"):
-        if key in node:
-            config[{"store-path": "store-dir"}.get(key, key)] = node[key]
-    s = settings_from(config)
+    message_config = dict(msg.content.get("config", ConfigRecord()))
+    s = task.site_settings(dict(context.run_config), message_config, node)
     return s, task.node_client(node, s)
 
 

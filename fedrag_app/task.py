@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fedrag_app.config import Settings
+from fedrag_app.config import Settings, settings_from
 from fedrag_app.data import ClientData, file_digest, resolve_clients
 from fedrag_app.evaluation import evaluate_system, summarize
 from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
@@ -226,11 +226,38 @@ def apply_states(
         retriever.load_trainable_state(states["retriever"])
 
 
+# node_config keys a site sets for itself (flower-supernode --node-config), over the run config
+SITE_KEYS = {
+    "store-path": "store-dir",
+    "store-mode": "store-mode",
+    "qdrant-url": "qdrant-url",
+    "qdrant-api-key-env": "qdrant-api-key-env",
+}
+
+
+def site_settings(run_config: dict, message_config: dict, node_config: dict) -> Settings:
+    """Run config, then per-message config (e.g. FedProx's proximal-mu), then the site's own
+    store settings: each institution decides where its store lives, embedded or a Qdrant
+    server (a ``qdrant-url`` alone implies ``store-mode=server``)."""
+    config = {**run_config, **message_config}
+    for key, target in SITE_KEYS.items():
+        if key in node_config:
+            config[target] = node_config[key]
+    if "qdrant-url" in node_config and "store-mode" not in node_config:
+        config["store-mode"] = "server"
+    return settings_from(config)
+
+
 def node_client(node_config: dict, s: Settings) -> ClientData:
     """Deployment: ``data-path`` in node_config. Simulation: ``partition-id`` picks one of the
     sorted client folders of ``data-root`` (the demo by default)."""
     if "data-path" in node_config:
         return resolve_clients([str(node_config["data-path"])])[0]
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has neither 'data-path' (deployment: flower-supernode --node-config "
+            "\"data-path='...'\") nor 'partition-id' (simulation)"
+        )
     clients = resolve_clients([s.data_root] if s.data_root else None)
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if num != len(clients):
