@@ -171,7 +171,7 @@ def deploy_local(
     finally:
         procs.stop_all()
     return DeployResult(
-        status, run_id, workdir, [p.pid for p in procs.procs], time.perf_counter() - start
+        status, run_id, workdir, [p.pid for p in procs.procs], time.perf_counter() - start, port
     )
 
 

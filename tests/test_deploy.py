@@ -11,17 +11,20 @@ from fedrag_app.deploy_local import deploy_local
 pytestmark = pytest.mark.slow
 
 
-def _alive_mentioning(*needles: str) -> list[str]:
+def _alive(sessions: list[int], *needles: str) -> list[str]:
+    """Live processes in one of the launcher's sessions (SuperLink, SuperNodes and the
+    SuperExec / ClientApp runtimes they spawn) or whose command line names a needle."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().split()[2]
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if state != "Z" and any(n in cmd for n in needles):
+        state, session = stat[0], int(stat[3])
+        if state != "Z" and (session in sessions or any(n in cmd for n in needles)):
             found.append(f"{proc.name}: {cmd[:120]}")
     return found
 
@@ -57,4 +60,5 @@ def test_tls_and_supernode_auth_on_loopback(tiny_models, toy_root, tmp_path):
     assert (run / "final" / "adapter" / "adapter_config.json").exists()
 
     # every process is gone
-    assert _alive_mentioning(str(tmp_path / "deploy"), f"127.0.0.1:{result.port}") == []
+    assert result.port > 0 and len(result.pids) == 4  # SuperLink + 2 sites + intruder
+    assert _alive(result.pids, str(tmp_path / "deploy"), f"127.0.0.1:{result.port}") == []
