@@ -31,6 +31,10 @@ def test_train_centralized_then_eval_reproduces_after(tiny_settings, toy_root, t
                  "--retriever", str(out / "retriever"), "--json", str(tmp_path / "e.json"), *args]) == 0  # fmt: skip
     assert json.loads((tmp_path / "e.json").read_text()) == metrics["after"]
     assert "overall" in capsys.readouterr().out
+    # the flags matter: training changed the numbers, and eval without them gives "before"
+    assert metrics["after"] != metrics["before"]
+    assert main(["eval", "--data", str(toy_root), "--json", str(tmp_path / "b.json"), *args]) == 0
+    assert json.loads((tmp_path / "b.json").read_text()) == metrics["before"]
 
 
 def test_query_prints_answer_and_sources(tiny_settings, toy_root, capsys):
