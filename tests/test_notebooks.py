@@ -17,9 +17,16 @@ def test_there_are_three_notebooks_stored_without_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
 
 
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """One store folder for all notebooks, apart from the user's own (Qdrant locks it)."""
+    return tmp_path_factory.mktemp("stores")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, monkeypatch, tmp_path):
+def test_notebook_runs(path, monkeypatch, tmp_path, stores):
     monkeypatch.setenv("FEDRAG_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setenv("FEDRAG_STORE_DIR", str(stores))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(

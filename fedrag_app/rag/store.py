@@ -43,9 +43,10 @@ def fingerprint(corpus_digest: str, encoder_id: str, dim: int, size: int, overla
 
 
 def default_store_dir() -> Path:
+    """Where embedded stores go when ``store-dir`` is empty: $FEDRAG_STORE_DIR, else the cache."""
     from fedrag_app.rag.models import cache_dir
 
-    return cache_dir() / "stores"
+    return Path(os.environ.get("FEDRAG_STORE_DIR") or cache_dir() / "stores")
 
 
 class KnowledgeStore:
