@@ -6,11 +6,13 @@ Off by default: unlike training, it sends retrieved TEXT from each client to the
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 
 def reciprocal_rank_fusion(ranked_lists: list[list[str]], k: int, c: int = 60) -> list[str]:
+    """Rank fusion, not score fusion: each client's similarity scores come from its own store
+    and are not comparable across clients, its ranks are."""
     scores: dict[str, float] = {}
     for ranked in ranked_lists:
         for rank, text in enumerate(ranked, start=1):
@@ -18,10 +20,14 @@ def reciprocal_rank_fusion(ranked_lists: list[list[str]], k: int, c: int = 60) -
     return sorted(scores, key=lambda t: -scores[t])[:k]
 
 
-def federated_retrieve(grid: Grid, question: str, k: int, timeout: float = 600) -> list[str]:
+def federated_retrieve(
+    grid: Grid, question: str, k: int, arrays: ArrayRecord, timeout: float = 600
+) -> list[str]:
+    """Clients retrieve with the global query encoder (``arrays``), not whatever they hold."""
+    content = {"arrays": arrays, "config": ConfigRecord({"question": question, "k": k})}
     messages = [
         Message(
-            content=RecordDict({"config": ConfigRecord({"question": question, "k": k})}),
+            content=RecordDict(content),
             message_type=MessageType.QUERY,
             dst_node_id=node_id,
         )

@@ -118,7 +118,7 @@ def main(grid: Grid, context: Context) -> None:
     if s.federated_query and s.query_question:
         from fedrag_app.federated_query import federated_retrieve
 
-        contexts = federated_retrieve(grid, s.query_question, s.top_k, s.round_timeout)
+        contexts = federated_retrieve(grid, s.query_question, s.top_k, final, s.round_timeout)
         answer = generator.generate(
             [generator.prompt(s.query_question, contexts)], s.max_new_tokens
         )

@@ -145,6 +145,37 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     assert set(ev.content["metrics"]) <= EVAL_METRICS, set(ev.content["metrics"]) - EVAL_METRICS
 
 
+def test_reciprocal_rank_fusion_rewards_agreement_across_clients():
+    from fedrag_app.federated_query import reciprocal_rank_fusion
+
+    # "b" is never first but every client ranks it high: 1/62 + 1/61 + 1/62 beats 1/61
+    assert reciprocal_rank_fusion([["a", "b", "c"], ["b", "d"], ["e", "b"]], k=3) == ["b", "a", "e"]
+
+
+def test_query_handler_refuses_unless_enabled_and_returns_texts(tiny_settings, toy_root):
+    from fedrag_app import task
+    from fedrag_app.client_app import query
+
+    def ask(enabled: bool) -> Message:
+        run_config = {**tiny_settings.to_config(), "data-root": str(toy_root),
+                      "federated-query": enabled}  # fmt: skip
+        context = Context(run_id=8, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                          state=RecordDict(), run_config=run_config)  # fmt: skip
+        retriever, generator = task.load_models(tiny_settings, cache_key=8)
+        arrays = pack(task.trainable_states("both", retriever, generator))
+        config = ConfigRecord({"question": "What does NFS stand for?", "k": 2})
+        msg = Message(
+            content=RecordDict({"arrays": arrays, "config": config}), metadata=_meta(0, "query")
+        )
+        return query(msg, context)
+
+    with pytest.raises(PermissionError, match="federated-query is false"):
+        ask(False)
+    hits = ask(True).content["hits"]
+    assert len(hits["texts"]) == 2 and all(isinstance(x, str) and x for x in hits["texts"])
+    assert list(hits["scores"]) == sorted(hits["scores"], reverse=True)
+
+
 def test_run_folder_checkpoint_and_resume(tmp_path):
     run = RunFolder.create(str(tmp_path))
     run.history.add(1, "evaluate", "aggregated", {"em": 10.0})
