@@ -5,14 +5,17 @@ training (`flwr run`, FedAvg); each client trained alone on its own data. Every 
 on every client's eval set. Budget: R rounds x S local steps per client federated, so pooled
 centralized gets R x S x C steps and each lone client R x S steps (what it spends federated).
 
-Run: `make compare ARGS="-c 'local-steps=20 num-server-rounds=3'"` or
-python benchmarks/compare.py [-c 'key=value ...'] [--out benchmarks/results/compare.json].
+Run: `make compare ARGS="--strategies fedavg,fedavgm -c 'server-learning-rate=2'"` or
+python benchmarks/compare.py [-c 'key=value ...'] [--strategies S1,S2] [--skip-alone]
+[--out benchmarks/results/compare.json]. Each federated run's history.{json,csv,png} is copied
+beside the JSON output as <out-stem>-<strategy>-history.*.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +42,28 @@ def _row(name: str, summary: dict, seconds: float) -> dict:
     return row
 
 
+def _last_round(history: list[dict], clients) -> dict:
+    """The federated run's final evaluation, shaped like an eval summary."""
+    last = max(r["round"] for r in history)
+    rows = {r["client"]: r for r in history if r["round"] == last and r["stage"] == "evaluate"}
+    agg = rows.pop("aggregated")
+    names = {float(i): c.name for i, c in enumerate(clients)}
+    per_client = {names[r["partition-id"]]: r for r in rows.values()}
+    keys = ("em", "f1", "recall_at_k", "mrr")
+    return {
+        "overall": {k: agg[k] for k in keys},
+        "clients": dict(sorted(per_client.items())),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-c", "--config", action="append", default=[])
     parser.add_argument("--out", default="benchmarks/results/compare.json")
+    parser.add_argument(
+        "--strategies", default="fedavg", help="comma-separated: one federated row per strategy"
+    )
+    parser.add_argument("--skip-alone", action="store_true", help="no client-alone rows")
     args = parser.parse_args()
     overrides = parse_overrides(args.config)
     s = settings_from(overrides)
@@ -62,40 +83,31 @@ def main() -> None:
         )
     )
 
-    start = time.perf_counter()
-    config = {
-        **{k: v for k, v in s.to_config().items() if k in overrides},
-        "output-dir": str(work / "fed"),
-    }
-    fed = run_simulation(config, num_supernodes=n, log_file=work / "fed.log")
-    if not fed.ok:
-        raise SystemExit(f"federated run {fed.status}; log: {work / 'fed.log'}")
-    history = json.loads((fed.run_dir / "history.json").read_text())
-    last = max(r["round"] for r in history)
-    per_client = {
-        r["client"]: r for r in history if r["round"] == last and r["stage"] == "evaluate"
-    }
-    agg = per_client.pop("aggregated")
-    names = {float(i): c.name for i, c in enumerate(clients)}
-    per_client = {names[r["partition-id"]]: r for r in per_client.values()}
-    fed_summary = {
-        "overall": {
-            "em": agg["em"],
-            "f1": agg["f1"],
-            "recall_at_k": agg["recall_at_k"],
-            "mrr": agg["mrr"],
-        },
-        "clients": {k: v for k, v in sorted(per_client.items())},
-    }
-    rows.append(
-        _row(
-            f"federated, FedAvg ({rounds} rounds x {steps} steps x {n} clients)",
-            fed_summary,
-            time.perf_counter() - start,
+    for strategy in args.strategies.split(","):
+        start = time.perf_counter()
+        config = {
+            **{k: v for k, v in s.to_config().items() if k in overrides},
+            "strategy": strategy,
+            "output-dir": str(work / f"fed-{strategy}"),
+        }
+        fed = run_simulation(config, num_supernodes=n, log_file=work / f"fed-{strategy}.log")
+        if not fed.ok:
+            raise SystemExit(f"federated run {fed.status}; log: {work / f'fed-{strategy}.log'}")
+        # keep the run's history beside the table: the per-round numbers in the README
+        out_dir = Path(args.out).parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("history.json", "history.csv", "history.png"):
+            shutil.copy(fed.run_dir / name, out_dir / f"{Path(args.out).stem}-{strategy}-{name}")
+        history = json.loads((fed.run_dir / "history.json").read_text())
+        rows.append(
+            _row(
+                f"federated, {strategy} ({rounds} rounds x {steps} steps x {n} clients)",
+                _last_round(history, clients),
+                time.perf_counter() - start,
+            )
         )
-    )
 
-    for client in clients:
+    for client in [] if args.skip_alone else clients:
         start = time.perf_counter()
         alone = run_centralized([client], s.replace(local_steps=rounds * steps), work / client.name,
                                 eval_clients=clients, evaluate_before=False)  # fmt: skip
@@ -110,9 +122,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps(
-            {"config": s.to_config(), "rows": rows, "federated_history": str(fed.run_dir)}, indent=2
-        )
+        json.dumps({"config": s.to_config(), "strategies": args.strategies, "rows": rows}, indent=2)
     )
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")

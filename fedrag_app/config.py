@@ -43,11 +43,11 @@ class Settings:
     lora_targets: str = "q_proj,v_proj"
     retriever_lora_r: int = 0
     # Fine-tuning
-    mode: str = "both"
-    local_steps: int = 10
+    mode: str = "generator"
+    local_steps: int = 5
     batch_size: int = 4
     grad_accum: int = 1
-    gen_lr: float = 1e-3
+    gen_lr: float = 3e-3
     ret_lr: float = 2e-5
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -62,7 +62,7 @@ class Settings:
     proximal_mu: float = 0.0
     eval_limit: int = 50
     # Federation
-    num_server_rounds: int = 3
+    num_server_rounds: int = 6
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
