@@ -70,6 +70,8 @@ def main() -> None:
     clients = resolve_clients([s.data_root] if s.data_root else None)
     rounds, steps, n = s.num_server_rounds, s.local_steps, len(clients)
     work = Path(tempfile.mkdtemp(prefix="fedrag-compare-"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
 
     start = time.perf_counter()
@@ -94,10 +96,8 @@ def main() -> None:
         if not fed.ok:
             raise SystemExit(f"federated run {fed.status}; log: {work / f'fed-{strategy}.log'}")
         # keep the run's history beside the table: the per-round numbers in the README
-        out_dir = Path(args.out).parent
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("history.json", "history.csv", "history.png"):
-            shutil.copy(fed.run_dir / name, out_dir / f"{Path(args.out).stem}-{strategy}-{name}")
+            shutil.copy(fed.run_dir / name, out.parent / f"{out.stem}-{strategy}-{name}")
         history = json.loads((fed.run_dir / "history.json").read_text())
         rows.append(
             _row(
@@ -119,8 +119,6 @@ def main() -> None:
             )
         )
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"config": s.to_config(), "strategies": args.strategies, "rows": rows}, indent=2)
     )
