@@ -44,7 +44,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
     retriever, generator, down = _load(msg, context, s)
-    metrics = task.train_local([client], s, retriever, generator, progress=False)
+    metrics = task.train_local(
+        [client], s, retriever, generator, progress=False, server_round=server_round
+    )
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
     metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak(context)})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})

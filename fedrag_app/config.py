@@ -50,6 +50,7 @@ class Settings:
     gen_lr: float = 3e-3
     ret_lr: float = 2e-5
     warmup_ratio: float = 0.1
+    lr_schedule: str = "run"
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
@@ -87,6 +88,7 @@ class Settings:
             "dtype": ("float32", "bfloat16", "float16"),
             "mode": ("generator", "retriever", "both"),
             "wire_dtype": ("float32", "float16"),
+            "lr_schedule": ("run", "round"),
             "strategy": STRATEGIES,
         }  # fmt: skip
         for name, allowed in choices.items():

@@ -118,11 +118,14 @@ def train_local(
     retriever: Retriever,
     generator: Generator,
     progress: bool = True,
+    server_round: int = 0,
 ) -> dict[str, float]:
     """Fine-tune in place on the pooled train sets of ``clients``; returns numeric metrics.
 
     Mode ``both`` trains the retriever first (LSR, ``local-steps`` steps), then the generator
     (RALT, ``local-steps`` steps) on contexts retrieved with the freshly trained query encoder.
+    A federated client passes ``server_round``: with ``lr-schedule = run`` its steps continue
+    one learning-rate schedule over all rounds instead of restarting it every round.
     """
     seed_everything(s.seed)
     rng = random.Random(s.seed)
@@ -138,6 +141,11 @@ def train_local(
         proximal_mu=s.proximal_mu,
         progress=progress,
     )
+    if server_round > 0 and s.lr_schedule == "run":
+        loop.update(
+            schedule_start=(server_round - 1) * s.local_steps,
+            schedule_total=s.num_server_rounds * s.local_steps,
+        )
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(

@@ -134,6 +134,50 @@ def test_proximal_term_pulls_towards_the_global_weights():
     assert torch.allclose(prox, target / 2, atol=0.05)  # argmin of |w-1|^2 + |w|^2
 
 
+def _step_sizes(rounds: int, steps: int, **schedule) -> list[float]:
+    """Per-step moves of w under a constant gradient: AdamW then moves w by exactly the lr."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    seen: list[float] = []
+
+    def loss_fn(_):
+        seen.append(w.item())
+        return w.sum(), 1
+
+    for r in range(rounds):
+        extra = {k: v(r) for k, v in schedule.items()}
+        run_loop({"w": w}, iter(range(10**6)), loss_fn,
+                 LoopSettings(steps=steps, lr=0.01, max_grad_norm=0, progress=False, **extra))  # fmt: skip
+    seen.append(w.item())
+    return [round(a - b, 6) for a, b in zip(seen, seen[1:], strict=False)]
+
+
+def test_run_schedule_continues_across_rounds_as_one_long_run():
+    one_run = _step_sizes(1, 30)
+    federated = _step_sizes(6, 5, schedule_start=lambda r: 5 * r, schedule_total=lambda r: 30)
+    restarted = _step_sizes(6, 5)
+    assert federated == pytest.approx(one_run, abs=1e-5)
+    assert one_run[3] == pytest.approx(0.01, abs=1e-5) and one_run[-1] < 0.001  # warm, decayed
+    assert restarted[5] == pytest.approx(0.01, abs=1e-5)  # round 2 starts at the peak again
+
+
+@pytest.mark.parametrize(("schedule", "server_round", "expected"),
+                         [("run", 3, (10, 20)), ("round", 3, (0, 0)), ("run", 0, (0, 0))])  # fmt: skip
+def test_a_client_places_its_steps_in_the_run_schedule(
+    tiny_settings, toy_root, monkeypatch, schedule, server_round, expected
+):
+    """Round r of a 4 x 5 run covers steps [5(r-1), 5r) of 20; centralized (round 0) owns its own."""
+    import fedrag_app.task as task
+
+    seen = []
+    monkeypatch.setattr(task, "run_loop", lambda params, batches, loss, cfg: seen.append(cfg) or {})
+    client = resolve_clients([toy_root / "client-a"])[0]
+    s = tiny_settings.replace(
+        mode="generator", local_steps=5, num_server_rounds=4, lr_schedule=schedule
+    )
+    train_local([client], s, build_retriever(s), build_generator(s), False, server_round)
+    assert [(c.schedule_start, c.schedule_total) for c in seen] == [expected]
+
+
 def test_answer_only_loss_matches_the_plain_full_sequence_computation(tiny_settings):
     """The fast path (left padding, LM head on the answer positions only) equals HF's own loss
     with labels -100 on prompt and context, example by example."""

@@ -28,6 +28,10 @@ class LoopSettings:
     proximal_mu: float = 0.0
     progress: bool = True
     desc: str = "train"
+    # Where these steps sit in a longer schedule: a federated client in round r of R runs
+    # steps [(r-1)*steps, r*steps) of one warmup-and-decay over R*steps, as one long run would.
+    schedule_start: int = 0
+    schedule_total: int = 0  # 0 = just these steps
 
 
 def seed_everything(seed: int) -> None:
@@ -69,8 +73,11 @@ def run_loop(
         return {"loss": 0.0, "loss_first": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    total = max(cfg.schedule_total, cfg.schedule_start + cfg.steps)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr  # lets the scheduler start mid-schedule
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps
+        optimizer, int(cfg.warmup_ratio * total), total, last_epoch=cfg.schedule_start - 1
     )
     autocast = (
         torch.autocast(trainable[0].device.type, dtype=torch.bfloat16)
