@@ -41,7 +41,9 @@ def _peak(context: Context) -> dict[str, float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     s, client = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    config = msg.content["config"]
+    # Flower counts rounds from 1 again after a resume; the ServerApp sends the rounds done before.
+    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
     s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
     retriever, generator, down = _load(msg, context, s)
     metrics = task.train_local(

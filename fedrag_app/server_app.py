@@ -107,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         initial,
         num_rounds=max(rounds, 0),
         timeout=s.round_timeout,
-        train_config=ConfigRecord(),
+        train_config=ConfigRecord({"round-offset": run.start_round}),
         evaluate_fn=checkpoint,
     )
     final = result.arrays or initial

@@ -145,6 +145,30 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     assert set(ev.content["metrics"]) <= EVAL_METRICS, set(ev.content["metrics"]) - EVAL_METRICS
 
 
+def test_a_resumed_run_trains_with_the_run_round_not_flowers_restarted_count(
+    tiny_settings, toy_root, monkeypatch
+):
+    """After resuming from round 2, Flower's round 1 is the run's round 3 (seed and lr schedule)."""
+    from fedrag_app import client_app, task
+
+    seen = []
+
+    def fake_train(clients, s, retriever, generator, progress, server_round):
+        seen.append((s.seed, server_round))
+        return {"num-examples": 1.0}
+
+    monkeypatch.setattr(task, "train_local", fake_train)
+    run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "generator"}
+    context = Context(run_id=8, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)  # fmt: skip
+    retriever, generator = task.load_models(tiny_settings, cache_key=8)
+    arrays = pack(task.trainable_states("generator", retriever, generator))
+    config = ConfigRecord({"server-round": 1, "round-offset": 2})
+    client_app.train(Message(content=RecordDict({"arrays": arrays, "config": config}),
+                             metadata=_meta(0)), context)  # fmt: skip
+    assert seen == [(tiny_settings.seed + 3, 3)]
+
+
 def test_reciprocal_rank_fusion_rewards_agreement_across_clients():
     from fedrag_app.federated_query import reciprocal_rank_fusion
 
