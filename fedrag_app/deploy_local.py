@@ -66,11 +66,27 @@ class Processes:
             deadline = time.time() + wait
             while any(p.poll() is None for p in alive) and time.time() < deadline:
                 time.sleep(0.1)
-        for p in self.procs:  # children that escaped their group
+        groups = set()
+        for p in self.procs:  # runtimes still in a group whose leader has exited
             try:
                 os.killpg(p.pid, signal.SIGKILL)
+                groups.add(p.pid)
             except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.time() + 5.0  # SIGKILL is asynchronous: let them finish exiting
+        while groups and time.time() < deadline:
+            time.sleep(0.1)
+            groups = {g for g in groups if _group_exists(g)}
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
