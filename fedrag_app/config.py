@@ -51,6 +51,7 @@ class Settings:
     ret_lr: float = 2e-5
     warmup_ratio: float = 0.1
     lr_schedule: str = "run"
+    client_lr_scale: str = "linear"
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
@@ -89,6 +90,7 @@ class Settings:
             "mode": ("generator", "retriever", "both"),
             "wire_dtype": ("float32", "float16"),
             "lr_schedule": ("run", "round"),
+            "client_lr_scale": ("linear", "sqrt", "none"),
             "strategy": STRATEGIES,
         }  # fmt: skip
         for name, allowed in choices.items():

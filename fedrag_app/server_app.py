@@ -16,7 +16,7 @@ from fedrag_app.config import Settings, settings_from
 from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import make_strategy
+from fedrag_app.strategies import make_strategy, scale_client_lr
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ServerApp()
@@ -82,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     export = exporter(s, retriever, generator)
     strategy = make_strategy(s)
+    scale_client_lr(strategy, s)
     record_history(strategy, run.history, run.start_round, nbytes(initial))
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 

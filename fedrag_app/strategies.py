@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -50,3 +55,29 @@ def make_strategy(s: Settings) -> Strategy:
     if s.strategy == "krum":
         return Krum(**common, num_malicious_nodes=s.num_malicious)
     raise ValueError(f"config key 'strategy' = {s.strategy!r} is not supported")
+
+
+def scale_client_lr(strategy: Strategy, s: Settings) -> None:
+    """Send each round's clients ``gen-lr``/``ret-lr`` times n (or sqrt n), n = clients sampled.
+
+    Averaging n clients' updates is like one n-times larger batch: the pooled run on the same
+    data takes n times as many optimizer steps, so at equal lr FedAvg falls behind it. Scaling
+    the lr with the batch (the linear-scaling rule) closes most of that gap here (README,
+    "Centralized vs federated"). Centralized training never passes through this.
+    """
+    if s.client_lr_scale == "none":
+        return
+    configure = strategy.configure_train
+
+    def configure_train(
+        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(configure(server_round, arrays, config, grid))
+        n = len(messages)
+        factor = float(n) if s.client_lr_scale == "linear" else math.sqrt(n)
+        for msg in messages:  # Flower's strategies share one RecordDict between messages
+            msg.content[strategy.configrecord_key]["gen-lr"] = s.gen_lr * factor
+            msg.content[strategy.configrecord_key]["ret-lr"] = s.ret_lr * factor
+        return messages
+
+    strategy.configure_train = configure_train

@@ -20,7 +20,7 @@ from fedrag_app.config import STRATEGIES
 from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
 from fedrag_app.server_app import record_history
-from fedrag_app.strategies import make_strategy
+from fedrag_app.strategies import make_strategy, scale_client_lr
 from fedrag_app.weights import nbytes, pack, unpack
 
 
@@ -103,8 +103,36 @@ class _Grid:
         return [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("scale", "fraction", "factor"),
+    [("linear", 1.0, 3.0), ("linear", 0.67, 2.0), ("sqrt", 1.0, 3**0.5), ("none", 1.0, None)],
+)
+def test_clients_train_with_the_lr_scaled_by_the_number_sampled(scale, fraction, factor):
+    from types import SimpleNamespace
+
+    from fedrag_app.config import Settings
+
+    s = Settings(client_lr_scale=scale, fraction_train=fraction, gen_lr=1e-3, ret_lr=2e-5)
+    strategy = make_strategy(s)
+    strategy._construct_messages = lambda record, node_ids, kind: [
+        SimpleNamespace(content=record) for _ in node_ids
+    ]  # Flower builds real Messages only inside a run
+    scale_client_lr(strategy, s)
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())
+    assert len(messages) == (3 if fraction == 1.0 else 2)
+    for msg in messages:
+        config = msg.content["config"]
+        if factor is None:
+            assert "gen-lr" not in config and "ret-lr" not in config
+        else:
+            assert config["gen-lr"] == pytest.approx(1e-3 * factor)
+            assert config["ret-lr"] == pytest.approx(2e-5 * factor)
+
+
 _LOOP = {
-    f"{m}-{k}" for m in ("gen", "ret") for k in ("loss", "loss-first", "steps", "tokens", "seconds")
+    f"{m}-{k}"
+    for m in ("gen", "ret")
+    for k in ("loss", "loss-first", "steps", "tokens", "seconds", "lr")
 }
 TRAIN_METRICS = _LOOP | {
     "num-examples", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",

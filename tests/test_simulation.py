@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from fedrag_app.config import Settings
 from fedrag_app.simulation import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,9 @@ def test_flwr_run_two_rounds_then_resume(tiny_models, sim_root, tmp_path):
     assert len(ok) == 4 and all(
         r["bytes-up"] > 0 and "train-loss" in r for r in ok
     )  # ...the rest went on
+    defaults = Settings()  # client-lr-scale=linear: 3 clients sampled, so 3x the configured lrs
+    assert all(r["gen-lr"] == pytest.approx(3 * defaults.gen_lr) for r in ok)
+    assert all(r["ret-lr"] == pytest.approx(3 * defaults.ret_lr) for r in ok)
     assert "DataError" in log and "train.jsonl:2" in log
     assert (run / "history.csv").exists() and (run / "history.png").stat().st_size > 0
 

@@ -70,7 +70,7 @@ def run_loop(
     """
     trainable = [p for p in params.values() if p.requires_grad]
     if cfg.steps <= 0 or not trainable:
-        return {"loss": 0.0, "loss_first": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        return {"loss": 0.0, "loss_first": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "lr": 0.0}
     anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     total = max(cfg.schedule_total, cfg.schedule_start + cfg.steps)
@@ -114,4 +114,5 @@ def run_loop(
         "steps": len(losses),
         "tokens": tokens,
         "seconds": seconds,
+        "lr": cfg.lr,  # the peak lr, so a run's history shows what each client trained with
     }
