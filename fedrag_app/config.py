@@ -44,7 +44,7 @@ class Settings:
     retriever_lora_r: int = 0
     # Fine-tuning
     mode: str = "generator"
-    local_steps: int = 3
+    local_steps: int = 5
     batch_size: int = 4
     grad_accum: int = 1
     gen_lr: float = 3e-3
@@ -64,7 +64,7 @@ class Settings:
     proximal_mu: float = 0.0
     eval_limit: int = 50
     # Federation
-    num_server_rounds: int = 10
+    num_server_rounds: int = 6
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
