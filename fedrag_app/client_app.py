@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import OrderedDict
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_app import task
@@ -13,6 +14,7 @@ from fedrag_app.config import Settings
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ClientApp()
+OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
 
 
 def _setup(msg: Message, context: Context) -> tuple[Settings, task.ClientData]:
@@ -46,9 +48,16 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
     s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
     retriever, generator, down = _load(msg, context, s)
+    # AdamW moments stay on this node (context.state lives in the SuperNode, across rounds)
+    moments = None
+    if s.keep_optimizer_state:
+        saved = context.state.get(OPTIMIZER_STATE)
+        moments = dict(saved.to_torch_state_dict()) if isinstance(saved, ArrayRecord) else {}
     metrics = task.train_local(
-        [client], s, retriever, generator, progress=False, server_round=server_round
+        [client], s, retriever, generator, False, server_round, optimizer_state=moments
     )
+    if moments:
+        context.state[OPTIMIZER_STATE] = ArrayRecord(OrderedDict(moments))
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
     metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak(context)})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})

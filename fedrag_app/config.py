@@ -52,6 +52,7 @@ class Settings:
     warmup_ratio: float = 0.1
     lr_schedule: str = "run"
     client_lr_scale: str = "linear"
+    keep_optimizer_state: bool = True
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False

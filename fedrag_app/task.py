@@ -119,13 +119,15 @@ def train_local(
     generator: Generator,
     progress: bool = True,
     server_round: int = 0,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Fine-tune in place on the pooled train sets of ``clients``; returns numeric metrics.
 
     Mode ``both`` trains the retriever first (LSR, ``local-steps`` steps), then the generator
     (RALT, ``local-steps`` steps) on contexts retrieved with the freshly trained query encoder.
     A federated client passes ``server_round``: with ``lr-schedule = run`` its steps continue
-    one learning-rate schedule over all rounds instead of restarting it every round.
+    one learning-rate schedule over all rounds instead of restarting it every round, and
+    (with ``keep-optimizer-state``) its own AdamW moments, which this call updates in place.
     """
     seed_everything(s.seed)
     rng = random.Random(s.seed)
@@ -146,6 +148,13 @@ def train_local(
             schedule_start=(server_round - 1) * s.local_steps,
             schedule_total=s.num_server_rounds * s.local_steps,
         )
+    # each method's optimizer sees only its own entries of the caller's flat dict
+    moments: dict[str, dict[str, torch.Tensor] | None] = {"ret.": None, "gen.": None}
+    if optimizer_state is not None:
+        moments = {
+            pre: {k[len(pre) :]: v for k, v in optimizer_state.items() if k.startswith(pre)}
+            for pre in moments
+        }
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
@@ -157,6 +166,7 @@ def train_local(
                 batches,
                 loss,
                 LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
+                moments["ret."],
             )
             metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
         if s.mode in ("generator", "both"):
@@ -178,8 +188,13 @@ def train_local(
                 batches,
                 loss,
                 LoopSettings(lr=s.gen_lr, desc="RALT (generator)", **loop),
+                moments["gen."],
             )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        for prefix, part in moments.items():
+            optimizer_state.update({prefix + k: v for k, v in (part or {}).items()})
     metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
     metrics["seconds"] = time.perf_counter() - start
     return metrics

@@ -34,7 +34,7 @@ def test_tls_and_supernode_auth_on_loopback(tiny_models, toy_root, tmp_path):
         "retriever-model": tiny_models["retriever"], "generator-model": tiny_models["generator"],
         "output-dir": str(tmp_path / "runs"), "chunk-tokens": 32, "chunk-overlap": 4,
         "top-k": 2, "lsr-k": 3, "local-steps": 1, "batch-size": 2, "max-new-tokens": 4,
-        "eval-limit": 2, "num-server-rounds": 1, "min-nodes": 2, "round-timeout": 300,
+        "eval-limit": 2, "num-server-rounds": 2, "min-nodes": 2, "round-timeout": 300,
     }  # fmt: skip
     folders = [toy_root / "client-a", toy_root / "client-b"]
     result = deploy_local(
@@ -52,6 +52,13 @@ def test_tls_and_supernode_auth_on_loopback(tiny_models, toy_root, tmp_path):
     rows = json.loads((run / "history.json").read_text())
     trained = {r["client"] for r in rows if r["stage"] == "train" and r["client"] != "aggregated"}
     assert len(trained) == 2 and all("error" not in r for r in rows)
+    # a fresh ClientApp process per message, yet each site's AdamW moments carried over
+    steps = [
+        r["gen-optimizer-steps"]
+        for r in rows
+        if r["stage"] == "train" and r["client"] != "aggregated"
+    ]
+    assert sorted(steps) == [1, 1, 2, 2]
     for site in ("site-0", "site-1"):
         assert "Receiving: train message" in (logs / f"{site}.log").read_text()
     intruder = (logs / "intruder.log").read_text()

@@ -132,7 +132,7 @@ def test_clients_train_with_the_lr_scaled_by_the_number_sampled(scale, fraction,
 _LOOP = {
     f"{m}-{k}"
     for m in ("gen", "ret")
-    for k in ("loss", "loss-first", "steps", "tokens", "seconds", "lr")
+    for k in ("loss", "loss-first", "steps", "tokens", "seconds", "optimizer-steps", "lr")
 }
 TRAIN_METRICS = _LOOP | {
     "num-examples", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",
@@ -173,6 +173,35 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     assert set(ev.content["metrics"]) <= EVAL_METRICS, set(ev.content["metrics"]) - EVAL_METRICS
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_client_keeps_its_adam_moments_in_its_own_context_state(tiny_settings, toy_root, keep):
+    """Round 2 continues round 1's AdamW (step counts add up); the moments never go out."""
+    from fedrag_app import task
+    from fedrag_app.client_app import OPTIMIZER_STATE, train
+
+    run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "generator",
+                  "keep-optimizer-state": keep}  # fmt: skip
+    context = Context(run_id=9, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)  # fmt: skip
+    retriever, generator = task.load_models(tiny_settings, cache_key=9)
+    arrays = pack(task.trainable_states("generator", retriever, generator))
+    steps = []
+    for rnd in (1, 2):
+        config = ConfigRecord({"server-round": rnd})
+        out = train(Message(content=RecordDict({"arrays": arrays, "config": config}),
+                            metadata=_meta(0)), context)  # fmt: skip
+        steps.append(out.content["metrics"]["gen-optimizer-steps"])
+        assert set(out.content["arrays"]) == set(arrays)  # weights only, never moments
+    n = tiny_settings.local_steps
+    if keep:
+        saved = context.state[OPTIMIZER_STATE]
+        assert steps == [n, 2 * n]
+        assert saved and all(k.startswith("gen.") for k in saved)
+        assert {k.rsplit(".", 1)[1] for k in saved} == {"step", "exp_avg", "exp_avg_sq"}
+    else:
+        assert steps == [n, n] and OPTIMIZER_STATE not in context.state
+
+
 def test_a_resumed_run_trains_with_the_run_round_not_flowers_restarted_count(
     tiny_settings, toy_root, monkeypatch
 ):
@@ -181,7 +210,7 @@ def test_a_resumed_run_trains_with_the_run_round_not_flowers_restarted_count(
 
     seen = []
 
-    def fake_train(clients, s, retriever, generator, progress, server_round):
+    def fake_train(clients, s, retriever, generator, progress, server_round, optimizer_state):
         seen.append((s.seed, server_round))
         return {"num-examples": 1.0}
 

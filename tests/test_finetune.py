@@ -160,6 +160,31 @@ def test_run_schedule_continues_across_rounds_as_one_long_run():
     assert restarted[5] == pytest.approx(0.01, abs=1e-5)  # round 2 starts at the peak again
 
 
+def _adam_rounds(rounds: int, steps: int, carry: bool) -> tuple[torch.Tensor, list[float]]:
+    """A noisy quadratic (a new target every step) trained in ``rounds`` calls of ``steps``."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    targets = torch.randn(rounds * steps, 3, generator=torch.Generator().manual_seed(0))
+    batches = iter(range(rounds * steps))
+    state: dict[str, torch.Tensor] | None = {} if carry else None
+    counts = []
+    for r in range(rounds):
+        cfg = LoopSettings(steps=steps, lr=0.05, max_grad_norm=0, progress=False,
+                           schedule_start=r * steps, schedule_total=rounds * steps)  # fmt: skip
+        res = run_loop({"w": w}, batches, lambda i: (((w - targets[i]) ** 2).sum(), 1), cfg, state)
+        counts.append(res["optimizer_steps"])
+    return w.detach().clone(), counts
+
+
+def test_carried_adam_state_makes_rounds_one_long_run():
+    """With its moments carried over, 4 calls of 5 steps are exactly one run of 20 steps."""
+    one_run, _ = _adam_rounds(1, 20, carry=False)
+    carried, carried_counts = _adam_rounds(4, 5, carry=True)
+    restarted, restarted_counts = _adam_rounds(4, 5, carry=False)
+    assert torch.allclose(carried, one_run, atol=1e-6)
+    assert carried_counts == [5, 10, 15, 20] and restarted_counts == [5, 5, 5, 5]
+    assert not torch.allclose(restarted, one_run, atol=1e-3)  # fresh Adam each round differs
+
+
 @pytest.mark.parametrize(("schedule", "server_round", "expected"),
                          [("run", 3, (10, 20)), ("round", 3, (0, 0)), ("run", 0, (0, 0))])  # fmt: skip
 def test_a_client_places_its_steps_in_the_run_schedule(
@@ -169,7 +194,9 @@ def test_a_client_places_its_steps_in_the_run_schedule(
     import fedrag_app.task as task
 
     seen = []
-    monkeypatch.setattr(task, "run_loop", lambda params, batches, loss, cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(
+        task, "run_loop", lambda params, batches, loss, cfg, *_: seen.append(cfg) or {}
+    )
     client = resolve_clients([toy_root / "client-a"])[0]
     s = tiny_settings.replace(
         mode="generator", local_steps=5, num_server_rounds=4, lr_schedule=schedule

@@ -63,6 +63,9 @@ def test_flwr_run_two_rounds_then_resume(tiny_models, sim_root, tmp_path):
     defaults = Settings()  # client-lr-scale=linear: 3 clients sampled, so 3x the configured lrs
     assert all(r["gen-lr"] == pytest.approx(3 * defaults.gen_lr) for r in ok)
     assert all(r["ret-lr"] == pytest.approx(3 * defaults.ret_lr) for r in ok)
+    # each SuperNode's context.state carried its AdamW moments from round 1 into round 2
+    assert sorted(r["gen-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
+    assert sorted(r["ret-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
     assert "DataError" in log and "train.jsonl:2" in log
     assert (run / "history.csv").exists() and (run / "history.png").stat().st_size > 0
 

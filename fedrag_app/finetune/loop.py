@@ -1,5 +1,6 @@
 """The optimisation loop shared by every method: schedule, accumulation, clipping, autocast,
-the FedProx proximal term, and honest loss/throughput reporting."""
+the FedProx proximal term, optional carried-over AdamW moments, and honest loss/throughput
+reporting."""
 
 from __future__ import annotations
 
@@ -62,17 +63,26 @@ def run_loop(
     batches: Iterator[T],
     loss_fn: Callable[[T], tuple[torch.Tensor, int]],
     cfg: LoopSettings,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps; ``loss_fn`` returns (mean loss, tokens processed).
 
     With ``proximal_mu`` > 0 the loss adds mu/2 * ||w - w_start||^2 over the trained
     parameters (FedProx), w_start being the weights received from the server.
+
+    ``optimizer_state`` (parameter name -> tensor) carries AdamW's moments and step count from
+    one call to the next: it is loaded before the first step and overwritten after the last.
+    A federated client passes its own, so a new round does not restart Adam from zero, whose
+    bias-corrected first steps move every weight by about the full learning rate.
     """
     trainable = [p for p in params.values() if p.requires_grad]
     if cfg.steps <= 0 or not trainable:
-        return {"loss": 0.0, "loss_first": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "lr": 0.0}
+        keys = ("loss", "loss_first", "steps", "tokens", "seconds", "optimizer_steps", "lr")
+        return dict.fromkeys(keys, 0.0)
     anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    if optimizer_state:
+        _load_adam_state(optimizer, params, optimizer_state)
     total = max(cfg.schedule_total, cfg.schedule_start + cfg.steps)
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr  # lets the scheduler start mid-schedule
@@ -107,6 +117,10 @@ def run_loop(
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}")
     seconds = time.perf_counter() - start
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(_adam_state(optimizer, params))
+    adam_steps = max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
     tail = losses[-max(1, len(losses) // 4) :]
     return {
         "loss": sum(tail) / len(tail),
@@ -114,5 +128,41 @@ def run_loop(
         "steps": len(losses),
         "tokens": tokens,
         "seconds": seconds,
+        "optimizer_steps": adam_steps,  # > steps when moments were carried over
         "lr": cfg.lr,  # the peak lr, so a run's history shows what each client trained with
     }
+
+
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adam_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state keyed by parameter name, on CPU, detached."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        state = optimizer.state.get(p)
+        for key in _ADAM_KEYS if state else ():
+            out[f"{name}.{key}"] = state[key].detach().to("cpu", copy=True).reshape(-1)
+    return out
+
+
+def _load_adam_state(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    saved: dict[str, torch.Tensor],
+) -> None:
+    """Inverse of ``_adam_state``; a parameter whose saved state is missing or has another
+    shape starts fresh, so a changed model never fails on a stale state."""
+    for name, p in params.items():
+        if not p.requires_grad or f"{name}.step" not in saved:
+            continue
+        avg, sq = saved.get(f"{name}.exp_avg"), saved.get(f"{name}.exp_avg_sq")
+        if avg is None or sq is None or avg.numel() != p.numel() or sq.numel() != p.numel():
+            continue
+        optimizer.state[p] = {
+            "step": saved[f"{name}.step"].reshape(()).to(torch.float32).clone(),
+            "exp_avg": avg.reshape(p.shape).to(p.device, p.dtype).clone(),
+            "exp_avg_sq": sq.reshape(p.shape).to(p.device, p.dtype).clone(),
+        }
