@@ -148,13 +148,6 @@ def train_local(
             schedule_start=(server_round - 1) * s.local_steps,
             schedule_total=s.num_server_rounds * s.local_steps,
         )
-    # each method's optimizer sees only its own entries of the caller's flat dict
-    moments: dict[str, dict[str, torch.Tensor] | None] = {"ret.": None, "gen.": None}
-    if optimizer_state is not None:
-        moments = {
-            pre: {k[len(pre) :]: v for k, v in optimizer_state.items() if k.startswith(pre)}
-            for pre in moments
-        }
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
@@ -162,11 +155,11 @@ def train_local(
             )
             batches = length_grouped_batches(pairs, lambda x: len(x[1].question), s.batch_size, rng)
             res = run_loop(
-                retriever.trainable_parameters(),
+                _prefixed("ret.", retriever.trainable_parameters()),
                 batches,
                 loss,
                 LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
-                moments["ret."],
+                optimizer_state,
             )
             metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
         if s.mode in ("generator", "both"):
@@ -184,20 +177,21 @@ def train_local(
             loss = RaltLoss(generator, s.max_seq_len)
             batches = length_grouped_batches(examples, loss.length, s.batch_size, rng)
             res = run_loop(
-                generator.trainable_parameters(),
+                _prefixed("gen.", generator.trainable_parameters()),
                 batches,
                 loss,
                 LoopSettings(lr=s.gen_lr, desc="RALT (generator)", **loop),
-                moments["gen."],
+                optimizer_state,
             )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
-    if optimizer_state is not None:
-        optimizer_state.clear()
-        for prefix, part in moments.items():
-            optimizer_state.update({prefix + k: v for k, v in (part or {}).items()})
     metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def _prefixed(prefix: str, params: dict[str, torch.nn.Parameter]) -> dict:
+    """Names unique across the retriever and generator, so one optimizer-state dict holds both."""
+    return {prefix + name: p for name, p in params.items()}
 
 
 # ---- weights in, weights out: what a Flower client does with a message ---------------------

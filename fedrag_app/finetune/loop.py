@@ -71,7 +71,8 @@ def run_loop(
     parameters (FedProx), w_start being the weights received from the server.
 
     ``optimizer_state`` (parameter name -> tensor) carries AdamW's moments and step count from
-    one call to the next: it is loaded before the first step and overwritten after the last.
+    one call to the next: these parameters' entries are loaded before the first step and
+    updated after the last; entries of other parameters are left alone.
     A federated client passes its own, so a new round does not restart Adam from zero, whose
     bias-corrected first steps move every weight by about the full learning rate.
     """
@@ -118,7 +119,6 @@ def run_loop(
         bar.set_postfix(loss=f"{step_loss:.4f}")
     seconds = time.perf_counter() - start
     if optimizer_state is not None:
-        optimizer_state.clear()
         optimizer_state.update(_adam_state(optimizer, params))
     adam_steps = max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
     tail = losses[-max(1, len(losses) // 4) :]
@@ -156,13 +156,13 @@ def _load_adam_state(
     """Inverse of ``_adam_state``; a parameter whose saved state is missing or has another
     shape starts fresh, so a changed model never fails on a stale state."""
     for name, p in params.items():
-        if not p.requires_grad or f"{name}.step" not in saved:
+        step, avg, sq = (saved.get(f"{name}.{key}") for key in _ADAM_KEYS)
+        if not p.requires_grad or step is None or avg is None or sq is None:
             continue
-        avg, sq = saved.get(f"{name}.exp_avg"), saved.get(f"{name}.exp_avg_sq")
-        if avg is None or sq is None or avg.numel() != p.numel() or sq.numel() != p.numel():
+        if avg.numel() != p.numel():
             continue
         optimizer.state[p] = {
-            "step": saved[f"{name}.step"].reshape(()).to(torch.float32).clone(),
+            "step": step.reshape(()).to(torch.float32).clone(),
             "exp_avg": avg.reshape(p.shape).to(p.device, p.dtype).clone(),
             "exp_avg_sq": sq.reshape(p.shape).to(p.device, p.dtype).clone(),
         }
