@@ -1,15 +1,22 @@
-"""Flower ClientApp: thin handlers over ``task``. Only weights and numbers leave the client."""
+"""Flower ClientApp: thin handlers over ``task``, behind the site's policy (``site.py``).
+
+Only weights and numbers leave a site. Every handler first asks the site what it may do; any
+failure becomes an error reply carrying a fixed code, with the details in the site's own log.
+"""
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrag_app import task
+from fedrag_app import site, task
 from fedrag_app.config import Settings
 from fedrag_app.weights import nbytes, pack, unpack
 
@@ -17,15 +24,60 @@ app = ClientApp()
 OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
 
 
-def _setup(msg: Message, context: Context) -> tuple[Settings, task.ClientData]:
-    node = dict(context.node_config)
-    message_config = dict(msg.content.get("config", ConfigRecord()))
-    s = task.site_settings(dict(context.run_config), message_config, node)
-    return s, task.node_client(node, s)
+@dataclass
+class Site:
+    settings: Settings
+    policy: site.SitePolicy
+    client: task.ClientData
+    log: logging.Logger
 
 
-def _load(msg: Message, context: Context, s: Settings):
+def guarded(handler: Callable[[Message, Context, Site], Message]) -> Callable:
+    """Resolve the site's policy and settings, run the handler, and turn ANY failure into a
+    coded error reply (never the exception's text, which may quote the site's data)."""
+
+    def wrapper(msg: Message, context: Context) -> Message:
+        log = None
+        try:
+            node, run = dict(context.node_config), dict(context.run_config)
+            policy = site.load_policy(node, site.site_name(node, run))
+            log = site.site_log(policy, site.site_name(node, run))
+        except Exception as exc:  # noqa: BLE001 - the site's own policy is broken
+            return site.error_reply(msg, site.SiteRefusal("policy-error", str(exc)), None)
+        try:
+            config = dict(msg.content.get("config", ConfigRecord()))
+            s = site.site_settings(run, config, policy)
+            here = Site(s, policy, site.node_client(node, policy, s), log)
+            reply = handler(msg, context, here)
+            log.info("run %s: replied to %s", msg.metadata.run_id, msg.metadata.message_type)
+            return reply
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
+            return site.error_reply(msg, exc, log)
+
+    # not functools.wraps: Flower would then read the inner three-argument signature
+    wrapper.__name__, wrapper.__doc__ = handler.__name__, handler.__doc__
+    return wrapper
+
+
+def _load(msg: Message, context: Context, here: Site):
+    s = here.settings
     retriever, generator = task.load_models(s, cache_key=context.run_id)
+    expected = str(msg.content["config"].get("base-fingerprint", ""))
+    mine = task.base_fingerprint(retriever, generator)
+    if expected != mine:
+        here.log.error(
+            "base models differ from the server's (server %s, this site %s). This site "
+            "resolved generator-model %r to %s and retriever-model %r to %s. Get the copy the "
+            "coordinator uses (for the defaults: the Hugging Face weights with `huggingface-cli "
+            "download ID`, or the packaged offline copies) or point the model keys at it.",
+            expected or "(none sent)",
+            mine,
+            s.generator_model,
+            generator.model_path,
+            s.retriever_model,
+            retriever.model_path,
+        )
+        raise site.ModelMismatch()
     arrays = msg.content["arrays"]
     task.apply_states(unpack(arrays), retriever, generator)
     return retriever, generator, nbytes(arrays)
@@ -41,21 +93,30 @@ def _peak(context: Context) -> dict[str, float]:
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
-    s, client = _setup(msg, context)
+@guarded
+def train(msg: Message, context: Context, here: Site) -> Message:
+    s = here.settings
+    site.check_training(s, here.policy)
     config = msg.content["config"]
     # Flower counts rounds from 1 again after a resume; the ServerApp sends the rounds done before.
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
     s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
-    retriever, generator, down = _load(msg, context, s)
+    retriever, generator, down = _load(msg, context, here)
     # AdamW moments stay on this node (context.state lives in the SuperNode, across rounds)
     moments = None
     if s.keep_optimizer_state:
         saved = context.state.get(OPTIMIZER_STATE)
         moments = dict(saved.to_torch_state_dict()) if isinstance(saved, ArrayRecord) else {}
     metrics = task.train_local(
-        [client], s, retriever, generator, False, server_round, optimizer_state=moments
+        [here.client], s, retriever, generator, False, server_round, optimizer_state=moments
     )
+    if metrics.get("skipped-examples"):
+        here.log.warning(
+            "round %d: %d training examples do not fit max-seq-len %d and were skipped",
+            server_round,
+            int(metrics["skipped-examples"]),
+            s.max_seq_len,
+        )
     if moments:
         context.state[OPTIMIZER_STATE] = ArrayRecord(OrderedDict(moments))
     arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
@@ -65,11 +126,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    s, client = _setup(msg, context)
-    retriever, generator, _ = _load(msg, context, s)
+@guarded
+def evaluate(msg: Message, context: Context, here: Site) -> Message:
+    s = here.settings
+    retriever, generator, _ = _load(msg, context, here)
     start = time.perf_counter()
-    summary, _ = task.evaluate_local([client], s, retriever, generator, progress=False)
+    summary, _ = task.evaluate_local([here.client], s, retriever, generator, progress=False)
     m = summary["overall"]
     metrics = {key: float(m[key]) for key in ("em", "f1", "recall_at_k", "mrr")}
     metrics.update(
@@ -79,18 +141,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Federated retrieval: this client's top-k chunk texts for a question. Off by default,
-    because it sends retrieved text to the server."""
-    s, client = _setup(msg, context)
-    if not s.federated_query:
-        raise PermissionError("federated-query is false: this client shares no retrieved text")
-    retriever, generator = task.load_models(s, cache_key=context.run_id)
-    if "arrays" in msg.content:
-        task.apply_states(unpack(msg.content["arrays"]), retriever, generator)
+@guarded
+def query(msg: Message, context: Context, here: Site) -> Message:
+    """Federated retrieval: this site's top-k chunk TEXTS for a question. Only a site whose
+    node config sets allow-federated-query=true answers, with k capped at its max-query-k."""
     config = msg.content["config"]
-    with task.open_store(client, s, retriever, progress=False) as store:
+    k = site.query_k(int(config.get("k", here.settings.top_k)), here.policy)
+    retriever, _, _ = _load(msg, context, here)
+    with task.open_store(here.client, here.settings, retriever, progress=False) as store:
         vector = retriever.encode_queries([str(config["question"])])
-        hits = store.search(vector, int(config.get("k", s.top_k)))[0]
+        hits = store.search(vector, k)[0] if k > 0 else []
+    here.log.info("federated query: shared %d chunk texts", len(hits))
     record = ConfigRecord({"texts": [h.text for h in hits], "scores": [h.score for h in hits]})
     return Message(content=RecordDict({"hits": record}), reply_to=msg)

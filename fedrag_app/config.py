@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+# Settings a site decides (site.py): local commands take them, a run config may not.
+LOCAL_ONLY = ("store_dir", "store_mode", "qdrant_url", "qdrant_api_key_env")
+
 # Flower strategy classes selectable with the `strategy` key (see strategies.py).
 STRATEGIES = (
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
@@ -23,6 +26,8 @@ STRATEGIES = (
 class Settings:
     # Data and models
     data_root: str = ""
+    # Where a store lives is the site's decision (site.py): these four come from a SuperNode's
+    # node config in federated runs, from the CLI's --store-dir / -c locally; never from a run.
     store_dir: str = ""
     store_mode: str = "embedded"
     qdrant_url: str = ""
@@ -41,7 +46,7 @@ class Settings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,v_proj"
-    retriever_lora_r: int = 0
+    retriever_lora_r: int = 8
     # Fine-tuning
     mode: str = "generator"
     local_steps: int = 5
@@ -80,7 +85,6 @@ class Settings:
     wire_dtype: str = "float32"
     output_dir: str = "outputs"
     resume: str = ""
-    federated_query: bool = False
     query_question: str = ""
 
     def __post_init__(self) -> None:
@@ -111,8 +115,11 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def to_config(self) -> dict[str, Any]:
-        """Kebab-case dict, as Flower's run config holds it."""
-        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+        """Kebab-case dict, as Flower's run config holds it: the site-owned store keys are not
+        part of it (a site refuses a run config that names them)."""
+        return {
+            _kebab(f.name): getattr(self, f.name) for f in fields(self) if f.name not in LOCAL_ONLY
+        }
 
 
 def _kebab(name: str) -> str:

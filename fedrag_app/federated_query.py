@@ -1,7 +1,8 @@
 """Federated retrieval: every client returns its top-k chunks, the server fuses the lists with
 reciprocal rank fusion and answers with the global generator.
 
-Off by default: unlike training, it sends retrieved TEXT from each client to the server.
+Off by default, and a site's decision (``allow-federated-query`` in its node config): unlike
+training, it sends retrieved TEXT from each site to the server.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ def reciprocal_rank_fusion(ranked_lists: list[list[str]], k: int, c: int = 60) -
 
 
 def federated_retrieve(
-    grid: Grid, question: str, k: int, arrays: ArrayRecord, timeout: float = 600
+    grid: Grid,
+    question: str,
+    k: int,
+    arrays: ArrayRecord,
+    base_fingerprint: str,
+    timeout: float = 600,
 ) -> list[str]:
-    """Clients retrieve with the global query encoder (``arrays``), not whatever they hold."""
-    content = {"arrays": arrays, "config": ConfigRecord({"question": question, "k": k})}
+    """Clients retrieve with the global query encoder (``arrays``), not whatever they hold.
+
+    A site answers only if its node config allows federated query, with at most its own
+    ``max-query-k`` chunks; the others reply with ``refused: federated-query``.
+    """
+    config = ConfigRecord({"question": question, "k": k, "base-fingerprint": base_fingerprint})
+    content = {"arrays": arrays, "config": config}
     messages = [
         Message(
             content=RecordDict(content),

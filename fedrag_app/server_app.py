@@ -30,8 +30,9 @@ def record_history(strategy: Strategy, history: History, offset: int, down: int)
     def per_client(server_round: int, stage: str, replies: list[Message]) -> None:
         for msg in replies:
             node = f"node-{msg.metadata.src_node_id}"
-            if msg.has_error():
-                history.add(server_round + offset, stage, node, {"error": 1.0})
+            if msg.has_error():  # a site's error carries a fixed code only (site.py)
+                code = float(msg.error.code)
+                history.add(server_round + offset, stage, node, {"error": 1.0, "error-code": code})
                 continue
             metrics = dict(msg.content["metrics"])
             if "partition-id" in metrics:  # simulation: name the client by its partition
@@ -80,6 +81,8 @@ def main(grid: Grid, context: Context) -> None:
     initial = run.checkpoint_arrays() or pack(
         task.trainable_states(s.mode, retriever, generator), s.wire_dtype
     )
+    # every message names the base weights: a site whose own copy differs refuses to train
+    base = ConfigRecord({"base-fingerprint": task.base_fingerprint(retriever, generator)})
     export = exporter(s, retriever, generator)
     strategy = make_strategy(s)
     scale_client_lr(strategy, s)
@@ -90,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
         run.save_arrays("initial.npz", initial)
     if run.start_round == 0 and s.fraction_evaluate > 0:  # the base system, as round 0
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(0, initial, ConfigRecord(), grid), timeout=s.round_timeout
+            strategy.configure_evaluate(0, initial, ConfigRecord(dict(base)), grid),
+            timeout=s.round_timeout,
         )
         strategy.aggregate_evaluate(0, replies)
         run.history.save(run.path)
@@ -108,7 +112,8 @@ def main(grid: Grid, context: Context) -> None:
         initial,
         num_rounds=max(rounds, 0),
         timeout=s.round_timeout,
-        train_config=ConfigRecord({"round-offset": run.start_round}),
+        train_config=ConfigRecord({**base, "round-offset": run.start_round}),
+        evaluate_config=ConfigRecord(dict(base)),
         evaluate_fn=checkpoint,
     )
     final = result.arrays or initial
@@ -116,10 +121,12 @@ def main(grid: Grid, context: Context) -> None:
     run.history.save(run.path)
     _summary(run, time.perf_counter() - start)
 
-    if s.federated_query and s.query_question:
+    if s.query_question:  # each site answers only if its own policy allows it
         from fedrag_app.federated_query import federated_retrieve
 
-        contexts = federated_retrieve(grid, s.query_question, s.top_k, final, s.round_timeout)
+        contexts = federated_retrieve(
+            grid, s.query_question, s.top_k, final, str(base["base-fingerprint"]), s.round_timeout
+        )
         answer = generator.generate(
             [generator.prompt(s.query_question, contexts)], s.max_new_tokens
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -123,6 +124,24 @@ def latest_run(env: dict[str, str], connection: str | None = None) -> tuple[str,
     return run["status"], str(run["run-id"])
 
 
+def policy_toml(policy: dict[str, object]) -> str:
+    """Site policy as TOML: flat keys for every site, ``{"sites": {NAME: {...}}}`` per site."""
+
+    def lines(table: dict[str, object]) -> list[str]:
+        return [f"{k} = {_toml(v)}" for k, v in table.items() if not isinstance(v, dict)]
+
+    out = lines(policy)
+    for name, table in dict(policy.get("sites", {})).items():  # type: ignore[arg-type]
+        out += ["", f"[sites.{json.dumps(name)}]", *lines(table)]
+    return "\n".join(out) + "\n"
+
+
+def _toml(v: object) -> str:
+    return (
+        json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+    )
+
+
 def run_simulation(
     run_config: dict[str, object],
     num_supernodes: int = 2,
@@ -130,14 +149,23 @@ def run_simulation(
     app_dir: Path = APP_DIR,
     flwr_home: Path | None = None,
     log_file: Path | None = None,
+    site_policy: dict[str, object] | None = None,
 ) -> SimulationResult:
-    """Run the app once; ``run_config`` overrides [tool.flwr.app.config] (output-dir made absolute)."""
+    """Run the app once; ``run_config`` overrides [tool.flwr.app.config] (output-dir made absolute).
+
+    ``site_policy`` stands in for the sites' node configs (one party runs every site here): it is
+    written as the policy file ``$FEDRAG_SITE_POLICY`` names (see ``fedrag_app/site.py``).
+    """
     config = dict(run_config)
     out_dir = Path(str(config.get("output-dir") or "outputs")).expanduser().resolve()
     config["output-dir"] = str(out_dir)
     before = set(out_dir.glob("run-*")) if out_dir.exists() else set()
     home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
     env = flower_env(home)
+    if site_policy:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "site-policy.toml").write_text(policy_toml(site_policy))
+        env["FEDRAG_SITE_POLICY"] = str(home / "site-policy.toml")
     overrides = " ".join(
         f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
         for k, v in config.items()
@@ -174,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=0, help="default: one per client")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="'K=V ...'")
+    parser.add_argument(
+        "-s",
+        "--site",
+        action="append",
+        default=[],
+        metavar="'K=V ...'",
+        help="site policy for every simulated site, e.g. -s 'store-path=/tmp/stores' "
+        "(a deployed site sets these in its --node-config)",
+    )
+    parser.add_argument("--site-policy", help="a site policy TOML file (see fedrag_app/site.py)")
     args = parser.parse_args(argv)
     from fedrag_app.config import parse_overrides, settings_from
     from fedrag_app.data import resolve_clients
@@ -182,7 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     s = settings_from(config)
     config = {k: v for k, v in s.to_config().items() if k in config}
     n = args.supernodes or len(resolve_clients([s.data_root] if s.data_root else None))
-    result = run_simulation(config, num_supernodes=n, cpus_per_client=args.cpus_per_client)
+    policy: dict[str, object] = {}
+    for text in args.site:
+        for item in shlex.split(text):
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--site {item!r}: expected key=value")
+            policy[key] = value
+    if args.site_policy:
+        os.environ["FEDRAG_SITE_POLICY"] = str(Path(args.site_policy).resolve())
+    from fedrag_app.site import load_policy
+
+    load_policy({k: v for k, v in policy.items()})  # a bad key stops here, with its name
+    result = run_simulation(
+        config, num_supernodes=n, cpus_per_client=args.cpus_per_client, site_policy=policy or None
+    )
     print(
         f"fedrag simulate: status {result.status} in {result.seconds:.0f} s; run folder {result.run_dir}"
     )

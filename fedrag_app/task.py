@@ -7,6 +7,7 @@ locally in the configured mode, and evaluate it. Nothing here knows about Flower
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedrag_app.config import Settings, settings_from
-from fedrag_app.data import ClientData, file_digest, resolve_clients
+from fedrag_app.config import Settings
+from fedrag_app.data import ClientData, file_digest
 from fedrag_app.evaluation import evaluate_system, summarize
 from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
 from fedrag_app.finetune.lsr import LsrLoss
@@ -26,6 +27,8 @@ from fedrag_app.rag.generator import Generator, LoraSettings
 from fedrag_app.rag.retriever import Retriever
 from fedrag_app.rag.store import KnowledgeStore, fingerprint
 from fedrag_app.rag.system import RAGSystem
+
+log = logging.getLogger(__name__)
 
 
 def build_retriever(s: Settings, query_dir: str | Path | None = None) -> Retriever:
@@ -134,6 +137,7 @@ def train_local(
     start = time.perf_counter()
     pairs = [(i, p) for i, c in enumerate(clients) for p in c.qa("train")]
     metrics: dict[str, float] = {"num-examples": float(len(pairs))}
+    skipped = 0
     loop = dict(
         steps=s.local_steps,
         warmup_ratio=s.warmup_ratio,
@@ -153,7 +157,13 @@ def train_local(
             loss = LsrLoss(
                 retriever, generator, stores, s.lsr_k, s.lsr_gamma, s.lsr_tau, s.max_seq_len
             )
-            batches = length_grouped_batches(pairs, lambda x: len(x[1].question), s.batch_size, rng)
+            fit = [
+                x
+                for x in pairs
+                if generator.fits(x[1].question, [], x[1].answers[0], s.max_seq_len)
+            ]
+            skipped += len(pairs) - len(fit)
+            batches = length_grouped_batches(fit, lambda x: len(x[1].question), s.batch_size, rng)
             res = run_loop(
                 _prefixed("ret.", retriever.trainable_parameters()),
                 batches,
@@ -162,6 +172,7 @@ def train_local(
                 optimizer_state,
             )
             metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
+            skipped += loss.skipped
         if s.mode in ("generator", "both"):
             examples = []
             for i, store in enumerate(stores):
@@ -175,7 +186,9 @@ def train_local(
                 else:
                     examples += ralt_examples(mine, hits, s.top_k)
             loss = RaltLoss(generator, s.max_seq_len)
-            batches = length_grouped_batches(examples, loss.length, s.batch_size, rng)
+            fit = [e for e in examples if loss.fits(e)]
+            skipped += len(examples) - len(fit)
+            batches = length_grouped_batches(fit, loss.length, s.batch_size, rng)
             res = run_loop(
                 _prefixed("gen.", generator.trainable_parameters()),
                 batches,
@@ -184,6 +197,12 @@ def train_local(
                 optimizer_state,
             )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
+    # examples longer than max-seq-len are left out and counted, never a failed round
+    metrics["skipped-examples"] = float(skipped)
+    if skipped:
+        log.warning(
+            "%d training examples do not fit max-seq-len %d: skipped", skipped, s.max_seq_len
+        )
     metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
     metrics["seconds"] = time.perf_counter() - start
     return metrics
@@ -234,6 +253,11 @@ def trainable_states(
     return states
 
 
+def base_fingerprint(retriever: Retriever, generator: Generator) -> str:
+    """One hash of both base models: what the server and every site must share."""
+    return f"{generator.base_fingerprint[:16]}-{retriever.base_fingerprint[:16]}"
+
+
 def apply_states(
     states: dict[str, dict[str, torch.Tensor]], retriever: Retriever, generator: Generator
 ) -> None:
@@ -241,45 +265,3 @@ def apply_states(
         generator.load_trainable_state(states["generator"])
     if "retriever" in states:
         retriever.load_trainable_state(states["retriever"])
-
-
-# node_config keys a site sets for itself (flower-supernode --node-config), over the run config
-SITE_KEYS = {
-    "store-path": "store-dir",
-    "store-mode": "store-mode",
-    "qdrant-url": "qdrant-url",
-    "qdrant-api-key-env": "qdrant-api-key-env",
-}
-
-
-def site_settings(run_config: dict, message_config: dict, node_config: dict) -> Settings:
-    """Run config, then per-message config (e.g. FedProx's proximal-mu), then the site's own
-    store settings: each institution decides where its store lives, embedded or a Qdrant
-    server (a ``qdrant-url`` alone implies ``store-mode=server``)."""
-    config = {**run_config, **message_config}
-    for key, target in SITE_KEYS.items():
-        if key in node_config:
-            config[target] = node_config[key]
-    if "qdrant-url" in node_config and "store-mode" not in node_config:
-        config["store-mode"] = "server"
-    return settings_from(config)
-
-
-def node_client(node_config: dict, s: Settings) -> ClientData:
-    """Deployment: ``data-path`` in node_config. Simulation: ``partition-id`` picks one of the
-    sorted client folders of ``data-root`` (the demo by default)."""
-    if "data-path" in node_config:
-        return resolve_clients([str(node_config["data-path"])])[0]
-    if "partition-id" not in node_config:
-        raise ValueError(
-            "node config has neither 'data-path' (deployment: flower-supernode --node-config "
-            "\"data-path='...'\") nor 'partition-id' (simulation)"
-        )
-    clients = resolve_clients([s.data_root] if s.data_root else None)
-    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    if num != len(clients):
-        raise ValueError(
-            f"{num} SuperNodes but {len(clients)} client folders in data-root "
-            f"{s.data_root or '(demo)'}: run with num-supernodes={len(clients)}"
-        )
-    return clients[pid]

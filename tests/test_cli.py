@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from fedrag_app.cli import main
@@ -16,11 +17,17 @@ def _model_args(tiny_settings):
     ]  # fmt: skip
 
 
-def test_train_centralized_then_eval_reproduces_after(tiny_settings, toy_root, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "retriever", ["retriever-lora-r=0 ret-lr=1e-3", "retriever-lora-r=8 ret-lr=5e-2"]
+)
+def test_train_centralized_then_eval_reproduces_after(
+    tiny_settings, toy_root, tmp_path, capsys, retriever
+):
+    """Full and LoRA query encoders alike are saved as plain sentence-transformers folders."""
     out = tmp_path / "out"
     args = _model_args(tiny_settings)
     assert main(["train", "--centralized", "--data", str(toy_root), "--mode", "both", "--out", str(out),
-                 "-c", "local-steps=2 ret-lr=1e-3", *args]) == 0  # fmt: skip
+                 "-c", f"local-steps=2 {retriever}", *args]) == 0  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"before", "after", "seconds", "train"}
     assert metrics["train"]["ret-steps"] == 2 and metrics["train"]["gen-steps"] == 2
@@ -31,8 +38,16 @@ def test_train_centralized_then_eval_reproduces_after(tiny_settings, toy_root, t
                  "--retriever", str(out / "retriever"), "--json", str(tmp_path / "e.json"), *args]) == 0  # fmt: skip
     assert json.loads((tmp_path / "e.json").read_text()) == metrics["after"]
     assert "overall" in capsys.readouterr().out
-    # the flags matter: training changed the numbers, and eval without them gives "before"
-    assert metrics["after"] != metrics["before"]
+    # the flags matter: training changed the query encoder (and, fully trained, the numbers),
+    # and eval without them gives "before"
+    from sentence_transformers import SentenceTransformer
+
+    q = ["What does TCP stand for?"]
+    trained = SentenceTransformer(str(out / "retriever"), device="cpu").encode(q)
+    base = SentenceTransformer(tiny_settings.retriever_model, device="cpu").encode(q)
+    assert not np.allclose(trained, base, atol=1e-6)
+    if "lora-r=0" in retriever:
+        assert metrics["after"] != metrics["before"]
     assert main(["eval", "--data", str(toy_root), "--json", str(tmp_path / "b.json"), *args]) == 0
     assert json.loads((tmp_path / "b.json").read_text()) == metrics["before"]
 

@@ -41,6 +41,17 @@ def error_reply(node: int) -> Message:
     return Message(Error(code=0, reason="DataError: bad line"), metadata=_meta(node))
 
 
+def _node(s) -> dict:
+    """A simulated site's node config: partition 0, its store where the test keeps stores."""
+    return {"partition-id": 0, "num-partitions": 2, "store-path": s.store_dir}
+
+
+def _base(retriever, generator) -> dict:
+    from fedrag_app import task
+
+    return {"base-fingerprint": task.base_fingerprint(retriever, generator)}
+
+
 def test_pack_unpack_round_trip_with_prefixes():
     states = {
         "generator": {"layers.0.q_proj.lora_A.weight": torch.randn(8, 4, dtype=torch.bfloat16)},
@@ -136,6 +147,7 @@ _LOOP = {
 }
 TRAIN_METRICS = _LOOP | {
     "num-examples", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",
+    "skipped-examples",
 }  # fmt: skip
 EVAL_METRICS = {
     "em", "f1", "recall_at_k", "mrr", "num-examples", "seconds", "peak-rss-mb", "partition-id",
@@ -147,11 +159,12 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     from fedrag_app.client_app import evaluate, train
 
     run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "both"}
-    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+    context = Context(run_id=7, node_id=1, node_config=_node(tiny_settings),
                       state=RecordDict(), run_config=run_config)  # fmt: skip
     retriever, generator = task.load_models(tiny_settings, cache_key=7)
     arrays = pack(task.trainable_states("both", retriever, generator))
-    instruction = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+    config = ConfigRecord({"server-round": 1, **_base(retriever, generator)})
+    instruction = Message(content=RecordDict({"arrays": arrays, "config": config}),
                           metadata=_meta(0))  # fmt: skip
     out = train(instruction, context)
     assert set(out.content) == {"arrays", "metrics"}
@@ -181,13 +194,13 @@ def test_a_client_keeps_its_adam_moments_in_its_own_context_state(tiny_settings,
 
     run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "generator",
                   "keep-optimizer-state": keep}  # fmt: skip
-    context = Context(run_id=9, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+    context = Context(run_id=9, node_id=1, node_config=_node(tiny_settings),
                       state=RecordDict(), run_config=run_config)  # fmt: skip
     retriever, generator = task.load_models(tiny_settings, cache_key=9)
     arrays = pack(task.trainable_states("generator", retriever, generator))
     steps = []
     for rnd in (1, 2):
-        config = ConfigRecord({"server-round": rnd})
+        config = ConfigRecord({"server-round": rnd, **_base(retriever, generator)})
         out = train(Message(content=RecordDict({"arrays": arrays, "config": config}),
                             metadata=_meta(0)), context)  # fmt: skip
         steps.append(out.content["metrics"]["gen-optimizer-steps"])
@@ -216,11 +229,11 @@ def test_a_resumed_run_trains_with_the_run_round_not_flowers_restarted_count(
 
     monkeypatch.setattr(task, "train_local", fake_train)
     run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "generator"}
-    context = Context(run_id=8, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+    context = Context(run_id=8, node_id=1, node_config=_node(tiny_settings),
                       state=RecordDict(), run_config=run_config)  # fmt: skip
     retriever, generator = task.load_models(tiny_settings, cache_key=8)
     arrays = pack(task.trainable_states("generator", retriever, generator))
-    config = ConfigRecord({"server-round": 1, "round-offset": 2})
+    config = ConfigRecord({"server-round": 1, "round-offset": 2, **_base(retriever, generator)})
     client_app.train(Message(content=RecordDict({"arrays": arrays, "config": config}),
                              metadata=_meta(0)), context)  # fmt: skip
     assert seen == [(tiny_settings.seed + 3, 3)]
@@ -231,30 +244,6 @@ def test_reciprocal_rank_fusion_rewards_agreement_across_clients():
 
     # "b" is never first but every client ranks it high: 1/62 + 1/61 + 1/62 beats 1/61
     assert reciprocal_rank_fusion([["a", "b", "c"], ["b", "d"], ["e", "b"]], k=3) == ["b", "a", "e"]
-
-
-def test_query_handler_refuses_unless_enabled_and_returns_texts(tiny_settings, toy_root):
-    from fedrag_app import task
-    from fedrag_app.client_app import query
-
-    def ask(enabled: bool) -> Message:
-        run_config = {**tiny_settings.to_config(), "data-root": str(toy_root),
-                      "federated-query": enabled}  # fmt: skip
-        context = Context(run_id=8, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
-                          state=RecordDict(), run_config=run_config)  # fmt: skip
-        retriever, generator = task.load_models(tiny_settings, cache_key=8)
-        arrays = pack(task.trainable_states("both", retriever, generator))
-        config = ConfigRecord({"question": "What does NFS stand for?", "k": 2})
-        msg = Message(
-            content=RecordDict({"arrays": arrays, "config": config}), metadata=_meta(0, "query")
-        )
-        return query(msg, context)
-
-    with pytest.raises(PermissionError, match="federated-query is false"):
-        ask(False)
-    hits = ask(True).content["hits"]
-    assert len(hits["texts"]) == 2 and all(isinstance(x, str) and x for x in hits["texts"])
-    assert list(hits["scores"]) == sorted(hits["scores"], reverse=True)
 
 
 def test_run_folder_checkpoint_and_resume(tmp_path):

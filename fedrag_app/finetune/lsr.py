@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedrag_app.data import QAPair
-from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.generator import ExampleTooLong, Generator
 from fedrag_app.rag.retriever import Retriever
 from fedrag_app.rag.store import KnowledgeStore
 
@@ -32,6 +32,7 @@ class LsrLoss:
         self.generator = generator
         self.stores = stores
         self.k, self.gamma, self.tau, self.max_len = k, gamma, tau, max_len
+        self.skipped = 0  # pairs left out because a candidate did not fit max-seq-len
 
     def __call__(self, batch: list[tuple[int, QAPair]]) -> tuple[torch.Tensor, int]:
         """``batch`` holds (store index, pair): pooled training spans several clients' stores."""
@@ -39,19 +40,32 @@ class LsrLoss:
         questions = [p.question for _, p in batch]
         q, tokens = self.retriever.query_embeddings(questions)  # (B, D), differentiable
         q_np = q.detach().float().cpu().numpy()
-        contexts, texts = [], []
+        contexts, encoded, rows = [], [], []
         for row, (store_idx, pair) in enumerate(batch):
             hits = self.stores[store_idx].search(q_np[row : row + 1], self.k, with_vectors=True)[0]
             if len(hits) < self.k:
                 raise RuntimeError(
                     f"store {self.stores[store_idx].name} holds fewer than {self.k} chunks"
                 )
+            try:
+                enc = [
+                    self.generator.encode_example(
+                        pair.question, [h.text], pair.answers[0], self.max_len
+                    )
+                    for h in hits
+                ]
+            except ExampleTooLong:
+                self.skipped += 1
+                continue
+            rows.append(row)
             contexts.append(np.stack([h.vector for h in hits]))
-            texts.append([(pair.question, [h.text], pair.answers[0]) for h in hits])
+            encoded += enc
+        if not rows:  # nothing in this batch fits: a zero loss that still reaches the encoder
+            return (q * 0).sum(), tokens
         c = torch.from_numpy(np.stack(contexts)).to(q.device)  # (B, K, D), frozen
+        q = q[rows]
         log_p_r = torch.log_softmax(torch.einsum("bd,bkd->bk", q.float(), c) / self.gamma, dim=-1)
-        flat = [t for row in texts for t in row]
-        lm = self.generator.answer_logprobs(flat, max_len=self.max_len).view(len(batch), self.k)
+        lm = self.generator.encoded_logprobs(encoded).view(len(rows), self.k)
         log_p_lm = torch.log_softmax(lm.to(q.device) / self.tau, dim=-1)
         loss = torch.nn.functional.kl_div(log_p_r, log_p_lm, reduction="batchmean", log_target=True)
         return loss, tokens

@@ -14,7 +14,7 @@ import torch
 
 from fedrag_app.data import QAPair
 from fedrag_app.evaluation import contains_answer
-from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.generator import ExampleTooLong, Generator
 from fedrag_app.rag.store import Hit
 
 
@@ -65,6 +65,13 @@ class RaltLoss:
                 ex.question, list(ex.contexts), ex.answer, self.max_len
             )
         return self._cache[ex]
+
+    def fits(self, ex: Example) -> bool:
+        try:
+            self.encode(ex)
+        except ExampleTooLong:
+            return False
+        return True
 
     def length(self, ex: Example) -> int:
         return len(self.encode(ex)[0])

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedrag_app.rag.device import pick_device, pick_dtype
-from fedrag_app.rag.models import resolve_model
+from fedrag_app.rag.models import resolve_model, weights_fingerprint
 from fedrag_app.rag.state import load_into
 
 SYSTEM_PROMPT = (
@@ -18,6 +18,13 @@ SYSTEM_PROMPT = (
     "a term, a name, an expansion or a year."
 )
 IGNORE = -100
+
+
+class ExampleTooLong(ValueError):
+    """An example that cannot fit ``max-seq-len`` even with its contexts cut short."""
+
+    def __init__(self, length: int, max_len: int) -> None:
+        super().__init__(f"an example of {length} tokens does not fit max-seq-len {max_len}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class Generator:
             self.model = get_peft_model(base, config)
         self.model.to(self.device)
         self.max_context_chars = max_context_chars
+        self.model_path = path
+        # the frozen base weights, hashed once: the server and every site must share them
+        self.base_fingerprint = weights_fingerprint(dict(self.model.named_parameters()))
 
     # ---- prompts -------------------------------------------------------------------------
     def prompt(self, question: str, contexts: list[str], max_chars: int | None = None) -> str:
@@ -92,7 +102,8 @@ class Generator:
                 break
             limit = int(limit * 0.75)
         if len(prompt_ids) + len(answer_ids) > max_len:
-            raise ValueError(f"max-seq-len {max_len} is too small for question {question[:60]!r}")
+            # no text in the message: it may reach a log that leaves the site
+            raise ExampleTooLong(len(prompt_ids) + len(answer_ids), max_len)
         return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
     # ---- inference -----------------------------------------------------------------------
@@ -146,17 +157,30 @@ class Generator:
         picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return picked * valid, valid
 
+    def fits(self, question: str, contexts: list[str], answer: str, max_len: int) -> bool:
+        try:
+            self.encode_example(question, contexts, answer, max_len)
+        except ExampleTooLong:
+            return False
+        return True
+
     @torch.no_grad()
     def answer_logprobs(
         self, examples: list[tuple[str, list[str], str]], batch_size: int = 8, max_len: int = 640
     ) -> torch.Tensor:
         """log p(answer | contexts, question) summed over answer tokens, for each example."""
+        return self.encoded_logprobs(
+            [self.encode_example(q, c, a, max_len) for q, c, a in examples], batch_size
+        )
+
+    @torch.no_grad()
+    def encoded_logprobs(
+        self, encoded: list[tuple[list[int], list[int]]], batch_size: int = 8
+    ) -> torch.Tensor:
         self.model.eval()
         scores: list[torch.Tensor] = []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            encoded = [self.encode_example(q, c, a, max_len) for q, c, a in chunk]
-            token_logp, _ = self.answer_token_logprobs(encoded)
+        for start in range(0, len(encoded), batch_size):
+            token_logp, _ = self.answer_token_logprobs(encoded[start : start + batch_size])
             scores.append(token_logp.sum(dim=-1).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 

@@ -125,3 +125,26 @@ def resolve_model(ref: str) -> str:
         f"cannot resolve model {ref!r}; tried: " + "; ".join(tried) + ". Pass a local folder, "
         "a hub id with network access, or install the offline package named above."
     )
+
+
+def weights_fingerprint(named: dict[str, object], skip: str = "lora_") -> str:
+    """A hash of base weights (names, dtypes, shapes, bytes), LoRA tensors left out.
+
+    Two sites that resolve one model id to different copies (the Hub's weights at one, the
+    packaged GGUF dequantization at another) get different fingerprints, so adapters trained on
+    different bases are never averaged silently.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(named):
+        if skip and skip in name:
+            continue
+        tensor = named[name]
+        assert isinstance(tensor, torch.Tensor)
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    return digest.hexdigest()

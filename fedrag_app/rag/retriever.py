@@ -13,7 +13,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from fedrag_app.rag.device import pick_device
-from fedrag_app.rag.models import resolve_model
+from fedrag_app.rag.models import resolve_model, weights_fingerprint
 from fedrag_app.rag.state import load_into
 
 
@@ -27,10 +27,9 @@ class Retriever:
     ) -> None:
         self.device = pick_device(device)
         self.query_ref = query_model
+        self.model_path = resolve_model(query_model)
         self.context_ref = context_model or query_model
-        self.query_encoder = SentenceTransformer(
-            resolve_model(query_model), device=str(self.device)
-        )
+        self.query_encoder = SentenceTransformer(self.model_path, device=str(self.device))
         self.context_encoder = SentenceTransformer(
             resolve_model(self.context_ref), device=str(self.device)
         )
@@ -40,11 +39,22 @@ class Retriever:
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
-            module = self.query_encoder[0]
-            module.auto_model = get_peft_model(
-                module.auto_model,
-                LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["query", "value"]),
+            module, attr = _transformer(self.query_encoder)
+            setattr(
+                module,
+                attr,
+                get_peft_model(
+                    getattr(module, attr),
+                    LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["query", "value"]),
+                ),
             )
+        # hashed before any training: the base both encoders start from
+        self.base_fingerprint = weights_fingerprint(
+            {
+                **{f"q.{k}": p for k, p in self.query_encoder.named_parameters()},
+                **{f"c.{k}": p for k, p in self.context_encoder.named_parameters()},
+            }
+        )
 
     @property
     def dim(self) -> int:
@@ -99,7 +109,18 @@ class Retriever:
             import copy
 
             merged = copy.deepcopy(self.query_encoder)
-            merged[0].auto_model = merged[0].auto_model.merge_and_unload()
+            module, attr = _transformer(merged)
+            setattr(module, attr, getattr(module, attr).merge_and_unload())
             merged.save(str(folder))
         else:
             self.query_encoder.save(str(folder))
+
+
+def _transformer(encoder: SentenceTransformer) -> tuple[torch.nn.Module, str]:
+    """The module holding the Hugging Face model, and its attribute name: sentence-transformers
+    5 keeps it in ``model`` (``auto_model`` became a read-only alias), older releases in
+    ``auto_model``."""
+    module = encoder[0]
+    if isinstance(getattr(type(module), "auto_model", None), property):
+        return module, "model"
+    return module, "auto_model"
