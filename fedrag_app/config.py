@@ -53,7 +53,7 @@ class Settings:
     batch_size: int = 4
     grad_accum: int = 1
     gen_lr: float = 3e-3
-    ret_lr: float = 2e-5
+    ret_lr: float = 1e-3
     warmup_ratio: float = 0.1
     lr_schedule: str = "run"
     client_lr_scale: str = "linear"

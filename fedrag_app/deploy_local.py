@@ -123,6 +123,37 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+def superlink_command(certs: Path, host: str, port: int, database: Path) -> list[str]:
+    """The SuperLink of deploy/README.md: TLS, SuperNode authentication, no runtime installs."""
+    return [
+        "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
+        "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth", "--host", host, "--port", str(port),
+        "--database", str(database), "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def supernode_command(
+    superlink: str, ca: Path, key: Path, port: int, node_config: str
+) -> list[str]:
+    """A site's SuperNode of deploy/README.md: its own key, the CA, its own node config."""
+    return [
+        "flower-supernode", "--superlink", superlink, "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(key), "--port", str(port),
+        "--node-config", node_config,
+    ]  # fmt: skip
+
+
+def _node_value(value: object) -> str:
+    return (
+        str(value).lower()
+        if isinstance(value, bool)
+        else f"'{value}'"
+        if isinstance(value, str)
+        else str(value)
+    )
+
+
 def _toml_value(value: object) -> str:
     return (
         json.dumps(value)
@@ -139,8 +170,13 @@ def deploy_local(
     workdir: Path,
     unregistered_extra: bool = False,
     timeout: float = 900,
+    site_options: dict[str, dict[str, object]] | None = None,
 ) -> DeployResult:
-    """Start SuperLink + SuperNodes with TLS and auth, run the app, stop everything."""
+    """Start SuperLink + SuperNodes with TLS and auth, run the app, stop everything.
+
+    Site ``site-i`` serves ``data_folders[i]``; ``site_options["site-i"]`` adds to its node
+    config (its site policy, e.g. ``{"allow-federated-query": True}``).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     certs, keys, logs, home = (workdir / d for d in ("certs", "keys", "logs", "flwr-home"))
     for d in (logs, home):
@@ -156,12 +192,9 @@ def deploy_local(
     start = time.perf_counter()
     status, run_id = "not-started", ""
     try:
-        superlink = procs.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(workdir / "superlink.db"), "--disable-runtime-dependency-installation",
-        ], env)  # fmt: skip
+        superlink = procs.start(
+            "superlink", superlink_command(certs, "127.0.0.1", port, workdir / "superlink.db"), env
+        )
         _wait_port(port, superlink)
         sites = [(f"site-{i}", Path(folder)) for i, folder in enumerate(data_folders)]
         if unregistered_extra:
@@ -170,13 +203,16 @@ def deploy_local(
             _run(["bash", str(DEPLOY / "supernode_keys.sh"), str(keys), name], env)
             if name != "intruder":  # the intruder's key is never registered
                 _run(["flwr", "supernode", "register", str(keys / f"{name}.pub"), CONNECTION], env)
-            node_config = f"data-path='{folder}' store-path='{workdir / 'stores' / name}'"
-            procs.start(name, [
-                "flower-supernode", "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / "ca.crt"),
-                "--auth-supernode-private-key", str(keys / name),
-                "--port", str(free_port()), "--node-config", node_config,
-            ], env)  # fmt: skip
+            policy = {"data-path": str(folder), "store-path": str(workdir / "stores" / name)}
+            policy.update((site_options or {}).get(name, {}))
+            node_config = " ".join(f"{k}={_node_value(v)}" for k, v in policy.items())
+            procs.start(
+                name,
+                supernode_command(
+                    f"127.0.0.1:{port}", certs / "ca.crt", keys / name, free_port(), node_config
+                ),
+                env,
+            )
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         run = subprocess.run(
             ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", overrides],
