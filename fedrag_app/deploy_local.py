@@ -34,6 +34,7 @@ class DeployResult:
     pids: list[int] = field(default_factory=list)
     seconds: float = 0.0
     port: int = 0
+    commands: list[list[str]] = field(default_factory=list)  # every process started, as run
 
     @property
     def ok(self) -> bool:
@@ -223,7 +224,13 @@ def deploy_local(
     finally:
         procs.stop_all()
     return DeployResult(
-        status, run_id, workdir, [p.pid for p in procs.procs], time.perf_counter() - start, port
+        status,
+        run_id,
+        workdir,
+        [p.pid for p in procs.procs],
+        time.perf_counter() - start,
+        port,
+        [list(map(str, p.args)) for p in procs.procs],
     )
 
 
