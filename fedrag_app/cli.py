@@ -68,8 +68,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from fedrag_app.task import build_retriever, open_store
 
     s = _settings(args)
+    clients = resolve_clients(args.data)  # bad folders fail before any model loads
     retriever = build_retriever(s)
-    for client in resolve_clients(args.data):
+    for client in clients:
         with open_store(client, s, retriever, progress=not args.quiet) as store:
             print(f"{client.name}: {store.count()} chunks in store '{store.name}'")
     return 0
@@ -80,8 +81,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from fedrag_app.task import build_generator, build_retriever, open_store
 
     s = _settings(args)
+    clients = resolve_clients(args.data)  # bad folders fail before any model loads
     retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
-    for client in resolve_clients(args.data):
+    for client in clients:
         with open_store(client, s, retriever, progress=not args.quiet) as store:
             answer = RAGSystem(retriever, generator, store, s.top_k).answer(
                 [args.question], s.max_new_tokens
@@ -98,8 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     s = _settings(args)
     if args.limit is not None:
         s = s.replace(eval_limit=args.limit)
+    clients = resolve_clients(args.data)  # bad folders fail before any model loads
     retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
-    summary, _ = evaluate_local(resolve_clients(args.data), s, retriever, generator, not args.quiet)
+    summary, _ = evaluate_local(clients, s, retriever, generator, not args.quiet)
     print(_table(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = _settings(args)
     if args.mode:
         s = s.replace(mode=args.mode)
-    result = run_centralized(resolve_clients(args.data), s, args.out, progress=not args.quiet)
+    result = run_centralized(
+        resolve_clients(args.data), s, args.out, not args.quiet, overwrite=args.overwrite
+    )
     print("before:\n" + _table(result["before"]))
     print("after:\n" + _table(result["after"]))
     print(f"wrote {args.out}/metrics.json, adapter/, retriever/ in {result['seconds']:.0f} s")
@@ -173,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--centralized", action="store_true", help="train in this process")
     p.add_argument("--mode", choices=["generator", "retriever", "both"])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new, or a previous result)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this command's files in a non-empty --out it did not write",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import-hf", help="Hugging Face datasets -> per-client folders")

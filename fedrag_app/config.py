@@ -57,6 +57,7 @@ class Settings:
     warmup_ratio: float = 0.1
     lr_schedule: str = "run"
     client_lr_scale: str = "linear"
+    client_lr_scale_max: float = 4.0
     keep_optimizer_state: bool = True
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
@@ -106,10 +107,13 @@ class Settings:
                 )
         if self.chunk_overlap >= self.chunk_tokens:
             raise ValueError("config key 'chunk-overlap' must be smaller than 'chunk-tokens'")
-        if self.top_k < 1 or self.local_steps < 0 or self.batch_size < 1:
-            raise ValueError(
-                "config keys 'top-k' and 'batch-size' must be >= 1, 'local-steps' >= 0"
-            )
+        for name, (low, high, low_open) in RANGES.items():
+            value = getattr(self, name)
+            if value < low or (low_open and value == low) or (high is not None and value > high):
+                span = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+                raise ValueError(
+                    f"config key '{_kebab(name)}' = {value!r}: expected a value in {span}"
+                )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -120,6 +124,27 @@ class Settings:
         return {
             _kebab(f.name): getattr(self, f.name) for f in fields(self) if f.name not in LOCAL_ONLY
         }
+
+
+# (lowest, highest or None, lowest excluded): checked before any model loads
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "chunk_tokens": (1, None, False), "chunk_overlap": (0, None, False),
+    "top_k": (1, None, False), "max_new_tokens": (1, None, False),
+    "lora_r": (1, None, False), "lora_alpha": (0, None, True), "lora_dropout": (0, 1, False),
+    "retriever_lora_r": (0, None, False),
+    "local_steps": (0, None, False), "batch_size": (1, None, False),
+    "grad_accum": (1, None, False), "gen_lr": (0, None, True), "ret_lr": (0, None, True),
+    "warmup_ratio": (0, 1, False), "client_lr_scale_max": (1, None, False),
+    "max_grad_norm": (0, None, True), "max_seq_len": (16, None, False),
+    "raft_p": (0, 1, False), "raft_distractors": (0, None, False),
+    "lsr_k": (1, None, False), "lsr_gamma": (0, None, True), "lsr_tau": (0, None, True),
+    "proximal_mu": (0, None, False), "eval_limit": (0, None, False),
+    "num_server_rounds": (0, None, False), "fraction_train": (0, 1, True),
+    "fraction_evaluate": (0, 1, False), "min_nodes": (1, None, False),
+    "round_timeout": (0, None, True), "eta": (0, None, True),
+    "server_learning_rate": (0, None, True), "server_momentum": (0, 1, False),
+    "tau": (0, None, True), "beta": (0, 0.5, False), "num_malicious": (0, None, False),
+}  # fmt: skip
 
 
 def _kebab(name: str) -> str:

@@ -35,6 +35,13 @@ class Retriever:
         )
         self.context_encoder.eval()
         self.context_encoder.requires_grad_(False)
+        dims = [_dim(self.query_encoder), _dim(self.context_encoder)]
+        if dims[0] != dims[1]:
+            raise ValueError(
+                f"config keys 'retriever-model' ({query_model}, dim {dims[0]}) and "
+                f"'context-model' ({self.context_ref}, dim {dims[1]}): the query and context "
+                "encoders must embed into the same dimension"
+            )
         self.lora_r = lora_r
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
@@ -58,9 +65,7 @@ class Retriever:
 
     @property
     def dim(self) -> int:
-        enc = self.context_encoder
-        get = getattr(enc, "get_embedding_dimension", None) or enc.get_sentence_embedding_dimension
-        return int(get())
+        return _dim(self.context_encoder)
 
     @property
     def tokenizer(self):
@@ -124,3 +129,11 @@ def _transformer(encoder: SentenceTransformer) -> tuple[torch.nn.Module, str]:
     if isinstance(getattr(type(module), "auto_model", None), property):
         return module, "model"
     return module, "auto_model"
+
+
+def _dim(encoder: SentenceTransformer) -> int:
+    get = (
+        getattr(encoder, "get_embedding_dimension", None)
+        or encoder.get_sentence_embedding_dimension
+    )
+    return int(get())

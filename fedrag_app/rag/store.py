@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from fedrag_app.rag.chunking import Chunk
 
 log = logging.getLogger(__name__)
-SCHEMA = 1
+SCHEMA = 2  # 2: UUID point ids (a store of schema 1 is rebuilt)
 
 
 @dataclass
 class Hit:
-    id: int
+    id: str
     doc_id: str
     title: str
     text: str
@@ -183,7 +183,7 @@ class KnowledgeStore:
         return [
             [
                 Hit(
-                    id=int(p.id),
+                    id=str(p.id),
                     doc_id=p.payload["doc_id"],
                     title=p.payload.get("title", ""),
                     text=p.payload["text"],
