@@ -41,6 +41,7 @@ class Settings:
     chunk_overlap: int = 16
     top_k: int = 3
     max_new_tokens: int = 16
+    max_context_chars: int = 700
     # LoRA
     lora_r: int = 8
     lora_alpha: int = 16
@@ -130,6 +131,7 @@ class Settings:
 RANGES: dict[str, tuple[float, float | None, bool]] = {
     "chunk_tokens": (1, None, False), "chunk_overlap": (0, None, False),
     "top_k": (1, None, False), "max_new_tokens": (1, None, False),
+    "max_context_chars": (1, None, False),
     "lora_r": (1, None, False), "lora_alpha": (0, None, True), "lora_dropout": (0, 1, False),
     "retriever_lora_r": (0, None, False),
     "local_steps": (0, None, False), "batch_size": (1, None, False),

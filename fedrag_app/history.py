@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from fedrag_app.atomic import atomic_text, atomic_write
 
 PLOTTED = ("em", "f1", "recall_at_k", "mrr", "train-loss")
 
@@ -30,16 +33,15 @@ class History:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "history.json.tmp"
-        tmp.write_text(json.dumps(self.rows, indent=1))
-        tmp.replace(folder / "history.json")
+        atomic_text(folder / "history.json", json.dumps(self.rows, indent=1))
         keys: list[str] = []
         for row in self.rows:
             keys += [k for k in row if k not in keys]
-        with open(folder / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_text(folder / "history.csv", out.getvalue())
         self.plot(folder / "history.png")
 
     def series(self, stage: str, client: str, key: str) -> tuple[list[int], list[float]]:
@@ -77,5 +79,5 @@ class History:
             if ax.lines:
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=80)
+        atomic_write(path, lambda f: fig.savefig(f, dpi=80, format="png"))
         plt.close(fig)

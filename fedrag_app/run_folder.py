@@ -1,4 +1,10 @@
-"""A federated run's folder: checkpoint after every round, history, final export, resume."""
+"""A federated run's folder: checkpoint after every round, history, final export, resume.
+
+Every write is atomic and durable (``atomic.py``). A checkpoint is written complete into
+``checkpoint.tmp`` (``round.json`` last, so its presence means complete), fsynced, then
+swapped in: ``checkpoint`` -> ``checkpoint.old``, ``checkpoint.tmp`` -> ``checkpoint``. A crash
+at any point leaves at least one complete folder among the three, and resume takes the newest.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedrag_app.atomic import atomic_write, fsync_dir, fsync_tree
 from fedrag_app.history import History
+
+SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 
 
 class RunFolder:
@@ -24,10 +33,11 @@ class RunFolder:
         root = Path(output_dir).expanduser().resolve()
         if resume:
             path = _find_resumable(root) if resume == "last" else Path(resume).expanduser()
-            state = path / "checkpoint" / "round.json"
-            if not state.exists():
-                raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {state}")
-            done = int(json.loads(state.read_text())["round"])
+            done = _restore_newest(path)
+            if done is None:
+                raise FileNotFoundError(
+                    f"resume={resume!r}: no complete checkpoint in {path} ({', '.join(SLOTS)})"
+                )
             history = History.load(path / "checkpoint" / "history.json")
             history.truncate(done)
             return cls(path, history, done)
@@ -38,7 +48,7 @@ class RunFolder:
         return cls(path, History())
 
     def save_arrays(self, name: str, arrays: ArrayRecord) -> None:
-        np.savez(self.path / name, **{k: v.numpy() for k, v in arrays.items()})
+        atomic_write(self.path / name, lambda f: _savez(f, arrays))
 
     def checkpoint_arrays(self) -> ArrayRecord | None:
         file = self.path / "checkpoint" / "arrays.npz"
@@ -52,24 +62,60 @@ class RunFolder:
 
         ``export(folder)`` writes the adapter and retriever in their standard formats.
         """
-        tmp = self.path / "checkpoint.tmp"
+        current, tmp, old = (self.path / name for name in SLOTS)
+        if _round(current) is None and _round(old) is not None:  # a crash mid-swap: keep the complete one
+            old.rename(current)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        np.savez(tmp / "arrays.npz", **{k: v.numpy() for k, v in arrays.items()})
+        with open(tmp / "arrays.npz", "wb") as f:
+            _savez(f, arrays)
         export(tmp)
         self.history.save(tmp)
-        (tmp / "round.json").write_text(json.dumps({"round": server_round}))
-        old = self.path / "checkpoint.old"
+        (tmp / "round.json").write_text(json.dumps({"round": server_round}))  # last: complete
+        fsync_tree(tmp)
         shutil.rmtree(old, ignore_errors=True)
-        if (self.path / "checkpoint").exists():
-            (self.path / "checkpoint").rename(old)
-        tmp.rename(self.path / "checkpoint")
+        if current.exists():
+            current.rename(old)
+        tmp.rename(current)
+        fsync_dir(self.path)
         shutil.rmtree(old, ignore_errors=True)
         self.history.save(self.path)
 
 
+def _savez(f, arrays: ArrayRecord) -> None:
+    np.savez(f, **{k: v.numpy() for k, v in arrays.items()})
+
+
+def _round(folder: Path) -> int | None:
+    """The round of a complete checkpoint folder, or None."""
+    try:
+        return int(json.loads((folder / "round.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _restore_newest(path: Path) -> int | None:
+    """Put the newest complete checkpoint in ``checkpoint/`` (after a crash it may be in
+    checkpoint.tmp or checkpoint.old) and drop the others; its round, or None."""
+    rounds = {name: _round(path / name) for name in SLOTS}
+    complete = {name: r for name, r in rounds.items() if r is not None}
+    if not complete:
+        return None
+    best = max(complete, key=lambda name: (complete[name], name == "checkpoint"))
+    if best != "checkpoint":
+        shutil.rmtree(path / "checkpoint", ignore_errors=True)
+        (path / best).rename(path / "checkpoint")
+    for name in SLOTS[1:]:
+        shutil.rmtree(path / name, ignore_errors=True)
+    fsync_dir(path)
+    return complete[best]
+
+
 def _find_resumable(root: Path) -> Path:
-    runs = sorted(p for p in root.glob("run-*") if (p / "checkpoint" / "round.json").exists())
+    """The newest run with a complete checkpoint in any slot (a crash mid-swap included)."""
+    runs = sorted(
+        p for p in root.glob("run-*") if any(_round(p / name) is not None for name in SLOTS)
+    )
     if not runs:
         raise FileNotFoundError(f"resume='last': no run with a checkpoint under {root}")
     return runs[-1]

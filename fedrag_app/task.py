@@ -48,7 +48,27 @@ def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator
         dropout=s.lora_dropout,
         targets=tuple(t.strip() for t in s.lora_targets.split(",") if t.strip()),
     )
-    return Generator(s.generator_model, device=s.device, dtype=s.dtype, lora=lora, adapter=adapter)
+    return Generator(
+        s.generator_model,
+        device=s.device,
+        dtype=s.dtype,
+        lora=lora,
+        adapter=adapter,
+        max_context_chars=s.max_context_chars,
+    )
+
+
+def _warn_cut(generator: Generator, before: int, what: str) -> None:
+    """Retrieval and recall@k see whole chunks; the prompt sees at most max-context-chars."""
+    cut = generator.contexts_cut - before
+    if cut:
+        log.warning(
+            "%s: %d retrieved contexts were longer than max-context-chars=%d and were cut in "
+            "the prompt (raise max-context-chars, or lower chunk-tokens)",
+            what,
+            cut,
+            generator.max_context_chars,
+        )
 
 
 def store_name(client: ClientData) -> str:
@@ -104,6 +124,7 @@ def evaluate_local(
     """``{"overall": {...}, "clients": {name: {...}}}`` and per-question records per client."""
     per_client: dict[str, dict] = {}
     records: dict[str, list[dict]] = {}
+    cut_before = generator.contexts_cut
     with open_stores(clients, s, retriever, progress) as stores:
         for client, store in zip(clients, stores, strict=True):
             system = RAGSystem(retriever, generator, store, s.top_k)
@@ -112,6 +133,7 @@ def evaluate_local(
                 system, qa, s.max_new_tokens, progress=progress, desc=f"eval {client.name}"
             )
     overall = summarize([r for rs in records.values() for r in rs], s.top_k)
+    _warn_cut(generator, cut_before, "evaluation")
     return {"overall": overall, "clients": per_client}, records
 
 
@@ -137,7 +159,7 @@ def train_local(
     start = time.perf_counter()
     pairs = [(i, p) for i, c in enumerate(clients) for p in c.qa("train")]
     metrics: dict[str, float] = {"num-examples": float(len(pairs))}
-    skipped = 0
+    skipped, cut_before = 0, generator.contexts_cut
     loop = dict(
         steps=s.local_steps,
         warmup_ratio=s.warmup_ratio,
@@ -199,6 +221,8 @@ def train_local(
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
     # examples longer than max-seq-len are left out and counted, never a failed round
     metrics["skipped-examples"] = float(skipped)
+    metrics["contexts-cut"] = float(generator.contexts_cut - cut_before)
+    _warn_cut(generator, cut_before, "training")
     if skipped:
         log.warning(
             "%d training examples do not fit max-seq-len %d: skipped", skipped, s.max_seq_len

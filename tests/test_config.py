@@ -29,8 +29,13 @@ def test_overrides_are_typed_and_unknown_keys_named():
 
 
 def test_flower_keys_are_ignored_and_message_config_wins():
+    from fedrag_app.site import SitePolicy, site_settings
+
     s = settings_from({"server-round": 3, "proximal-mu": 0.5})
     assert s.proximal_mu == 0.5
+    # a message's config (FedProx's proximal-mu, the scaled lrs) wins over the run config
+    s = site_settings({"proximal-mu": 0.0, "gen-lr": 1e-3}, {"proximal-mu": 0.1}, SitePolicy())
+    assert (s.proximal_mu, s.gen_lr) == (0.1, 1e-3)
 
 
 def test_node_without_data_path_or_partition_is_named():

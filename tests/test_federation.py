@@ -147,7 +147,7 @@ _LOOP = {
 }
 TRAIN_METRICS = _LOOP | {
     "num-examples", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",
-    "skipped-examples",
+    "skipped-examples", "contexts-cut",
 }  # fmt: skip
 EVAL_METRICS = {
     "em", "f1", "recall_at_k", "mrr", "num-examples", "seconds", "peak-rss-mb", "partition-id",

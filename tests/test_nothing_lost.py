@@ -145,3 +145,81 @@ def test_the_lr_factor_is_capped():
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
     assert len(messages) == 20
     assert messages[0].content["config"]["gen-lr"] == pytest.approx(4e-3)  # not 20x
+
+
+def test_contexts_longer_than_max_context_chars_are_counted_and_warned(
+    tiny_settings, toy_root, caplog
+):
+    from fedrag_app import task
+
+    s = tiny_settings.replace(max_context_chars=10)
+    retriever, generator = task.build_retriever(s), task.build_generator(s)
+    assert generator.max_context_chars == 10
+    clients = resolve_clients([toy_root / "client-a"])
+    with caplog.at_level("WARNING", logger="fedrag_app.task"):
+        task.evaluate_local(clients, s, retriever, generator, progress=False)
+    assert "longer than max-context-chars=10 and were cut" in caplog.text
+    metrics = task.train_local(clients, s, retriever, generator, progress=False)
+    assert metrics["contexts-cut"] > 0
+    wide = tiny_settings.replace(max_context_chars=10_000)
+    g = task.build_generator(wide)
+    assert task.train_local(clients, wide, retriever, g, progress=False)["contexts-cut"] == 0
+
+
+@pytest.mark.parametrize("crash_at", ["export", "fsync", "rename-current", "rename-tmp", "cleanup"])
+def test_a_crash_at_any_step_of_the_checkpoint_swap_resumes_from_the_newest_complete_one(
+    tmp_path, monkeypatch, crash_at
+):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedrag_app import run_folder
+    from fedrag_app.run_folder import RunFolder
+
+    def arrays(v: float) -> ArrayRecord:
+        return ArrayRecord({"gen.w": Array(np.full(3, v, dtype=np.float32))})
+
+    older = RunFolder.create(str(tmp_path))  # an older run that resume=last must not pick
+    older.save_checkpoint(1, arrays(9.0), lambda folder: None)
+    run = RunFolder.create(str(tmp_path))
+    run.save_arrays("initial.npz", arrays(0.0))
+    run.history.add(1, "evaluate", "aggregated", {"em": 1.0})
+    run.save_checkpoint(1, arrays(1.0), lambda folder: None)
+    run.history.add(2, "evaluate", "aggregated", {"em": 2.0})
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash
+
+    renames = []
+    real_rename = Path.rename
+
+    def rename(self, target):
+        renames.append(self.name)
+        if (crash_at, self.name) in {("rename-current", "checkpoint"),
+                                     ("rename-tmp", "checkpoint.tmp")}:  # fmt: skip
+            raise Crash
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    if crash_at == "fsync":
+        monkeypatch.setattr(run_folder, "fsync_tree", crash)
+    if crash_at == "cleanup":
+        monkeypatch.setattr(run_folder, "fsync_dir", crash)
+    export = crash if crash_at == "export" else (lambda folder: None)
+    with pytest.raises(Crash):
+        run.save_checkpoint(2, arrays(2.0), export)
+    monkeypatch.undo()
+
+    resumed = RunFolder.create(str(tmp_path), resume="last")
+    assert resumed.path == run.path  # not the older run, whatever state the swap was in
+    # complete in checkpoint.tmp from round.json on (a process crash loses no written page)
+    done = {"export": 1, "fsync": 2, "rename-current": 2, "rename-tmp": 2, "cleanup": 2}
+    assert resumed.start_round == done[crash_at]
+    assert resumed.checkpoint_arrays()["gen.w"].numpy()[0] == float(done[crash_at])
+    assert [p.name for p in run.path.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
+    # and the next checkpoint goes through
+    resumed.save_checkpoint(3, arrays(3.0), lambda folder: None)
+    assert RunFolder.create(str(tmp_path), resume="last").start_round == 3

@@ -65,6 +65,7 @@ class Generator:
             self.model = get_peft_model(base, config)
         self.model.to(self.device)
         self.max_context_chars = max_context_chars
+        self.contexts_cut = 0  # contexts longer than max_context_chars, cut in prompts so far
         self.model_path = path
         # the frozen base weights, hashed once: the server and every site must share them
         self.base_fingerprint = weights_fingerprint(dict(self.model.named_parameters()))
@@ -72,6 +73,8 @@ class Generator:
     # ---- prompts -------------------------------------------------------------------------
     def prompt(self, question: str, contexts: list[str], max_chars: int | None = None) -> str:
         limit = max_chars or self.max_context_chars
+        if limit == self.max_context_chars:  # not the shorter retries of encode_example
+            self.contexts_cut += sum(len(c) > limit for c in contexts)
         ctx = "\n".join(f"[{i + 1}] {c[:limit]}" for i, c in enumerate(contexts))
         user = f"Context:\n{ctx}\n\nQuestion: {question}" if contexts else f"Question: {question}"
         if self.tokenizer.chat_template:
