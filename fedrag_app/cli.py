@@ -140,6 +140,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         args.clients,
         qa_dataset=args.qa_dataset,
         corpus_dataset=args.corpus_dataset,
+        context_column=args.context_column,
+        qa_files=args.qa_files,
+        corpus_files=args.corpus_files,
         qa_split=args.qa_split,
         corpus_split=args.corpus_split,
         question_column=args.question_column,
@@ -190,11 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--qa-dataset", required=True, help="hub id, or 'json' with --qa-files")
-    p.add_argument("--corpus-dataset", required=True)
+    p.add_argument("--corpus-dataset", default="", help="not needed with --context-column")
+    p.add_argument("--qa-files", help="local files for --qa-dataset json (works offline)")
+    p.add_argument("--corpus-files", help="local files for --corpus-dataset json")
+    p.add_argument(
+        "--context-column",
+        default="",
+        help="the QA set's own context column (SQuAD: context): each site's corpus is then "
+        "its own QA pairs' contexts",
+    )
     p.add_argument("--qa-split", default="train")
     p.add_argument("--corpus-split", default="train")
     p.add_argument("--question-column", default="question")
-    p.add_argument("--answer-column", default="answer")
+    p.add_argument("--answer-column", default="answer", help="nested too: answers.text")
     p.add_argument("--text-column", default="text")
     p.add_argument("--title-column", default="")
     p.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"])

@@ -1,8 +1,11 @@
 """Turn Hugging Face datasets into per-client folders, partitioned with flwr-datasets.
 
 Users with internet pass hub dataset ids; offline, ``dataset="json"`` with ``data_files`` works
-the same way (the tests use that path). QA pairs and corpus rows are each split over the clients
-by a flwr-datasets partitioner: ``iid``, or ``dirichlet`` / ``pathological`` on a label column.
+the same way (the tests use that path). QA pairs are split over the clients by a flwr-datasets
+partitioner: ``iid``, or ``dirichlet`` on a label column. Columns may be nested (SQuAD's
+``answers.text``). When the QA set carries its own contexts (``context_column``, SQuAD-style),
+each client's corpus is built from its own QA pairs' contexts, deduplicated, so every question's
+supporting document lives at its own site; otherwise a separate corpus data set is split IID.
 """
 
 from __future__ import annotations
@@ -39,16 +42,38 @@ def _partitions(
 
 
 def _column(row: dict, name: str, where: str) -> Any:
-    if name not in row:
-        raise DataError(f"{where}: column {name!r} missing (columns: {', '.join(row)})")
-    return row[name]
+    """``name`` may be dotted for nested columns: ``answers.text``."""
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            keys = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+            raise DataError(f"{where}: column {name!r} missing (at {part!r}; found: {keys})")
+        value = value[part]
+    return value
+
+
+def _answers(value: Any, name: str, where: str) -> list[str]:
+    """A string or a list of strings; anything else (SQuAD's ``answers`` dict) is refused."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(
+        isinstance(a, str | int | float) and not isinstance(a, bool) for a in items
+    ):
+        hint = " (a nested column, e.g. 'answers.text'?)" if isinstance(value, dict) else ""
+        raise DataError(
+            f"{where}: column {name!r} holds {type(value).__name__}, not a string or a list of "
+            f"strings{hint}"
+        )
+    answers = [str(a).strip() for a in items if str(a).strip()]
+    if not answers:
+        raise DataError(f"{where}: column {name!r} holds no non-empty answer")
+    return answers
 
 
 def import_hf(
     out: Path,
     num_clients: int,
     qa_dataset: str,
-    corpus_dataset: str,
+    corpus_dataset: str = "",
     qa_split: str = "train",
     corpus_split: str = "train",
     question_column: str = "question",
@@ -60,10 +85,23 @@ def import_hf(
     eval_fraction: float = 0.2,
     qa_files: Any = None,
     corpus_files: Any = None,
+    context_column: str = "",
 ) -> list[Path]:
-    """Write ``out/client-<i>/{corpus,train,eval}.jsonl``; returns the client folders."""
+    """Write ``out/client-<i>/{corpus,train,eval}.jsonl``; returns the client folders.
+
+    With ``context_column`` the corpus comes from the QA rows' own contexts (no corpus data set
+    needed); without it, from ``corpus_dataset``.
+    """
+    if not context_column and not corpus_dataset:
+        raise DataError(
+            "give a corpus data set (--corpus-dataset) or the QA set's --context-column"
+        )
     qa_parts = _partitions(qa_dataset, qa_split, num_clients, partitioner, partition_by, qa_files)
-    corpus_parts = _partitions(corpus_dataset, corpus_split, num_clients, "iid", "", corpus_files)
+    corpus_parts = (
+        [[] for _ in qa_parts]
+        if context_column
+        else _partitions(corpus_dataset, corpus_split, num_clients, "iid", "", corpus_files)
+    )
     folders = []
     for i, (qa_rows, corpus_rows) in enumerate(zip(qa_parts, corpus_parts, strict=True)):
         folder = out / f"client-{i}"
@@ -72,13 +110,19 @@ def import_hf(
             text = str(_column(row, text_column, f"{corpus_dataset}[{j}]"))
             title = str(row.get(title_column, "")) if title_column else ""
             corpus.append({"id": f"c{i}-{j}", "text": text, "title": title})
-        qa = []
+        qa, contexts = [], {}
         for j, row in enumerate(qa_rows):
-            answer = _column(row, answer_column, f"{qa_dataset}[{j}]")
-            answers = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
-            qa.append(
-                {"question": str(_column(row, question_column, qa_dataset)), "answers": answers}
-            )
+            where = f"{qa_dataset}[{j}]"
+            answers = _answers(_column(row, answer_column, where), answer_column, where)
+            question = str(_column(row, question_column, where))
+            qa.append({"question": question, "answers": answers})
+            if context_column:
+                text = str(_column(row, context_column, where))
+                title = str(_column(row, title_column, where)) if title_column else ""
+                contexts.setdefault(
+                    text, {"id": f"c{i}-{len(contexts)}", "text": text, "title": title}
+                )
+        corpus += list(contexts.values())
         n_eval = max(1, int(len(qa) * eval_fraction))
         if len(qa) < 2 or not corpus:
             raise DataError(f"client {i}: too few rows after partitioning ({len(qa)} QA)")

@@ -63,7 +63,9 @@ class RunFolder:
         ``export(folder)`` writes the adapter and retriever in their standard formats.
         """
         current, tmp, old = (self.path / name for name in SLOTS)
-        if _round(current) is None and _round(old) is not None:  # a crash mid-swap: keep the complete one
+        if (
+            _round(current) is None and _round(old) is not None
+        ):  # a crash mid-swap: keep the complete one
             old.rename(current)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -111,3 +111,35 @@ def test_hf_import_through_flwr_datasets(tmp_path):
     with pytest.raises(DataError, match="column 'nope' missing"):
         import_hf(tmp_path / "bad", 2, "json", "json", question_column="nope",
                   answer_column="a", text_column="body", qa_files=str(qa), corpus_files=str(corpus))  # fmt: skip
+
+
+def test_hf_import_of_a_squad_shaped_set_uses_nested_answers_and_its_own_contexts(tmp_path, capsys):
+    from fedrag_app.cli import main
+
+    rows = [
+        {"title": f"T{i % 5}", "context": f"Passage {i % 5} says fact {i} is value-{i}.",
+         "question": f"What is fact {i}?", "answers": {"text": [f"value-{i}"], "answer_start": [3]}}
+        for i in range(30)
+    ]  # fmt: skip
+    squad = tmp_path / "squad.jsonl"
+    squad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["import-hf", "--clients", "3", "--qa-dataset", "json", "--qa-files", str(squad)]
+    # the dict itself is refused, with the fix named
+    assert main([*base, "--out", str(tmp_path / "bad"), "--answer-column", "answers",
+                 "--context-column", "context"]) == 2  # fmt: skip
+    assert (
+        "holds dict, not a string or a list of strings (a nested column" in capsys.readouterr().err
+    )
+    assert main([*base, "--out", str(tmp_path / "root"), "--answer-column", "answers.text",
+                 "--context-column", "context", "--title-column", "title"]) == 0  # fmt: skip
+    clients = resolve_clients([tmp_path / "root"])
+    assert len(clients) == 3
+    for client in clients:
+        texts = {d.text for d in client.corpus()}
+        pairs = client.qa("train") + client.qa("eval")
+        assert all(p.answers[0].startswith("value-") for p in pairs)
+        # every question's supporting passage is in its own site's corpus, once
+        for p in pairs:
+            i = int(p.answers[0].split("-")[1])
+            assert f"Passage {i % 5} says fact {i} is value-{i}." in texts
+        assert len(texts) == len(client.corpus())
