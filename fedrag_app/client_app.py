@@ -11,14 +11,14 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_app import site, task
 from fedrag_app.config import Settings
-from fedrag_app.weights import nbytes, pack, unpack
+from fedrag_app.weights import nbytes, pack_reply, unpack
 
 app = ClientApp()
 OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
@@ -30,6 +30,7 @@ class Site:
     policy: site.SitePolicy
     client: task.ClientData
     log: logging.Logger
+    received: dict = field(default_factory=dict)  # the global weights this message carried
 
 
 def guarded(handler: Callable[[Message, Context, Site], Message]) -> Callable:
@@ -79,7 +80,8 @@ def _load(msg: Message, context: Context, here: Site):
         )
         raise site.ModelMismatch()
     arrays = msg.content["arrays"]
-    task.apply_states(unpack(arrays), retriever, generator)
+    here.received = unpack(arrays)
+    task.apply_states(here.received, retriever, generator)
     return retriever, generator, nbytes(arrays)
 
 
@@ -119,7 +121,8 @@ def train(msg: Message, context: Context, here: Site) -> Message:
         )
     if moments:
         context.state[OPTIMIZER_STATE] = ArrayRecord(OrderedDict(moments))
-    arrays = pack(task.trainable_states(s.mode, retriever, generator), s.wire_dtype)
+    trained = task.trainable_states(s.mode, retriever, generator)
+    arrays = pack_reply(trained, here.received, s.wire_dtype)
     metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak(context)})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

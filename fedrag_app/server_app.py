@@ -4,62 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
 
 from fedrag_app import task
 from fedrag_app.config import Settings, settings_from
 from fedrag_app.finetune.loop import seed_everything
-from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import make_strategy, scale_client_lr
+from fedrag_app.strategies import ClientLrScaling, Float32Global, Recording, make_strategy
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ServerApp()
 log = logging.getLogger("fedrag_app.server")
-
-
-def record_history(strategy: Strategy, history: History, offset: int, down: int) -> None:
-    """Log every reply's metrics per client (node) before the strategy aggregates them."""
-    aggregate_train, aggregate_evaluate = strategy.aggregate_train, strategy.aggregate_evaluate
-
-    def per_client(server_round: int, stage: str, replies: list[Message]) -> None:
-        for msg in replies:
-            node = f"node-{msg.metadata.src_node_id}"
-            if msg.has_error():  # a site's error carries a fixed code only (site.py)
-                code = float(msg.error.code)
-                history.add(server_round + offset, stage, node, {"error": 1.0, "error-code": code})
-                continue
-            metrics = dict(msg.content["metrics"])
-            if "partition-id" in metrics:  # simulation: name the client by its partition
-                node = f"partition-{int(metrics['partition-id'])}"
-            history.add(server_round + offset, stage, node, metrics)
-
-    def train(server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        per_client(server_round, "train", replies)
-        arrays, metrics = aggregate_train(server_round, replies)
-        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
-        agg["bytes-down"] = float(down * len(replies))
-        agg["bytes-up"] = float(
-            sum(nbytes(m.content["arrays"]) for m in replies if m.has_content())
-        )
-        history.add(server_round + offset, "train", "aggregated", agg)
-        return arrays, metrics
-
-    def evaluate(server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        per_client(server_round, "evaluate", replies)
-        metrics = aggregate_evaluate(server_round, replies)
-        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
-        history.add(server_round + offset, "evaluate", "aggregated", agg)
-        return metrics
-
-    strategy.aggregate_train, strategy.aggregate_evaluate = train, evaluate
 
 
 def exporter(s: Settings, retriever, generator):
@@ -78,15 +36,19 @@ def main(grid: Grid, context: Context) -> None:
     run = RunFolder.create(s.output_dir, s.resume)
     seed_everything(s.seed)  # identical initial LoRA weights for identical seeds
     retriever, generator = task.load_models(s)
-    initial = run.checkpoint_arrays() or pack(
-        task.trainable_states(s.mode, retriever, generator), s.wire_dtype
-    )
+    # the global model is float32 always; wire-dtype=float16 encodes only the clients' updates
+    initial = run.checkpoint_arrays() or pack(task.trainable_states(s.mode, retriever, generator))
     # every message names the base weights: a site whose own copy differs refuses to train
     base = ConfigRecord({"base-fingerprint": task.base_fingerprint(retriever, generator)})
     export = exporter(s, retriever, generator)
-    strategy = make_strategy(s)
-    scale_client_lr(strategy, s)
-    record_history(strategy, run.history, run.start_round, nbytes(initial))
+    # Flower's strategy, wrapped as its DifferentialPrivacy* classes are: lrs scaled per round,
+    # float16 updates decoded onto the float32 global model, every reply recorded
+    strategy = Recording(
+        Float32Global(ClientLrScaling(make_strategy(s), s)),
+        run.history,
+        run.start_round,
+        nbytes(initial),
+    )
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 
     if run.start_round == 0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -21,6 +22,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrag_app.config import Settings
+from fedrag_app.history import History
+from fedrag_app.weights import nbytes
 
 
 def make_strategy(s: Settings) -> Strategy:
@@ -57,7 +60,44 @@ def make_strategy(s: Settings) -> Strategy:
     raise ValueError(f"config key 'strategy' = {s.strategy!r} is not supported")
 
 
-def scale_client_lr(strategy: Strategy, s: Settings) -> None:
+class StrategyWrapper(Strategy):
+    """Delegates every step to ``inner``; a subclass changes one step, as Flower's own
+    ``DifferentialPrivacy*`` wrappers do. Attributes (``configrecord_key``, ...) are the inner's.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+class ClientLrScaling(StrategyWrapper):
     """Send each round's clients ``gen-lr``/``ret-lr`` times n (or sqrt n), n = clients sampled.
 
     Averaging n clients' updates is like one n-times larger batch: the pooled run on the same
@@ -68,20 +108,117 @@ def scale_client_lr(strategy: Strategy, s: Settings) -> None:
     of 4 x 3e-3 is already large). n counts the clients SAMPLED this round: a client that then
     fails still counted. Centralized training never passes through this.
     """
-    if s.client_lr_scale == "none":
-        return
-    configure = strategy.configure_train
+
+    def __init__(self, inner: Strategy, s: Settings) -> None:
+        super().__init__(inner)
+        self.settings = s
 
     def configure_train(
-        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(configure(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        s = self.settings
+        if s.client_lr_scale == "none":
+            return messages
         n = len(messages)  # sampled, not replied: failures are known only after the round
         factor = float(n) if s.client_lr_scale == "linear" else math.sqrt(n)
         factor = min(factor, s.client_lr_scale_max)  # 20 sites must not train at 20x the lr
         for msg in messages:  # Flower's strategies share one RecordDict between messages
-            msg.content[strategy.configrecord_key]["gen-lr"] = s.gen_lr * factor
-            msg.content[strategy.configrecord_key]["ret-lr"] = s.ret_lr * factor
+            msg.content[self.inner.configrecord_key]["gen-lr"] = s.gen_lr * factor
+            msg.content[self.inner.configrecord_key]["ret-lr"] = s.ret_lr * factor
         return messages
 
-    strategy.configure_train = configure_train
+
+class Float32Global(StrategyWrapper):
+    """The global model and all server arithmetic stay float32, whatever travels.
+
+    With ``wire-dtype=float16`` a client sends its UPDATE (trained minus received weights) in
+    float16, not its weights: an update far smaller than a float16 step of the weight itself
+    (4.9e-4 near 0.9) survives, and FedAdam's ``tau`` never meets float16. Here each float16
+    reply is decoded to float32 weights (global + update) before the inner strategy sees it.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = {k: a.numpy().astype(np.float32) for k, a in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        decoded = []
+        for msg in replies:
+            if msg.has_content() and "arrays" in msg.content:
+                record = decode_update(msg.content["arrays"], self.sent)
+                content = RecordDict({**msg.content, "arrays": record})
+                msg = Message(content=content, metadata=msg.metadata)
+            decoded.append(msg)
+        arrays, metrics = self.inner.aggregate_train(server_round, decoded)
+        if arrays is not None:  # FedAdam & co. compute in float64: the global stays float32
+            arrays = ArrayRecord(
+                {k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()}
+            )
+        return arrays, metrics
+
+
+def decode_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> ArrayRecord:
+    """float16 arrays are updates against ``sent``; float32 arrays are weights already."""
+    out = {}
+    for key, array in record.items():
+        values = array.numpy()
+        if values.dtype == np.float16:
+            values = sent[key] + values.astype(np.float32)
+        out[key] = Array(np.asarray(values, dtype=np.float32))
+    return ArrayRecord(out)
+
+
+class Recording(StrategyWrapper):
+    """Log every reply's metrics per client (node) before the inner strategy aggregates them;
+    an error reply is recorded by its fixed code only (site.py)."""
+
+    def __init__(self, inner: Strategy, history: History, offset: int, down: int) -> None:
+        super().__init__(inner)
+        self.history, self.offset, self.down = history, offset, down
+
+    def _per_client(self, server_round: int, stage: str, replies: list[Message]) -> None:
+        for msg in replies:
+            node = f"node-{msg.metadata.src_node_id}"
+            if msg.has_error():
+                code = float(msg.error.code)
+                self.history.add(
+                    server_round + self.offset, stage, node, {"error": 1.0, "error-code": code}
+                )
+                continue
+            metrics = dict(msg.content["metrics"])
+            if "partition-id" in metrics:  # simulation: name the client by its partition
+                node = f"partition-{int(metrics['partition-id'])}"
+            self.history.add(server_round + self.offset, stage, node, metrics)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._per_client(server_round, "train", replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
+        agg["bytes-down"] = float(self.down * len(replies))
+        agg["bytes-up"] = float(
+            sum(nbytes(m.content["arrays"]) for m in replies if m.has_content())
+        )
+        self.history.add(server_round + self.offset, "train", "aggregated", agg)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._per_client(server_round, "evaluate", replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        agg = {k: v for k, v in dict(metrics or {}).items() if k != "partition-id"}
+        self.history.add(server_round + self.offset, "evaluate", "aggregated", agg)
+        return metrics

@@ -34,6 +34,24 @@ def pack(states: dict[str, dict[str, torch.Tensor]], wire_dtype: str = "float32"
     return ArrayRecord(arrays)
 
 
+def pack_reply(
+    states: dict[str, dict[str, torch.Tensor]],
+    received: dict[str, dict[str, torch.Tensor]],
+    wire_dtype: str = "float32",
+) -> ArrayRecord:
+    """What a client sends back: its weights in float32, or with ``wire-dtype=float16`` its
+    UPDATE (trained minus received) in float16, which keeps updates far below a float16 step
+    of the weights themselves; the server adds it back onto its float32 global model
+    (``strategies.Float32Global``)."""
+    if wire_dtype == "float32":
+        return pack(states, "float32")
+    delta = {
+        component: {k: t.detach().float().cpu() - received[component][k] for k, t in state.items()}
+        for component, state in states.items()
+    }
+    return pack(delta, wire_dtype)
+
+
 def unpack(record: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
     states: dict[str, dict[str, torch.Tensor]] = {}
     for key, array in record.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load, load_file
@@ -130,7 +131,7 @@ def test_the_lr_factor_is_capped():
 
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from fedrag_app.strategies import make_strategy, scale_client_lr
+    from fedrag_app.strategies import ClientLrScaling, make_strategy
 
     class Grid:
         def get_node_ids(self):
@@ -141,7 +142,7 @@ def test_the_lr_factor_is_capped():
     strategy._construct_messages = lambda record, node_ids, kind: [
         SimpleNamespace(content=record) for _ in node_ids
     ]  # Flower builds real Messages only inside a run
-    scale_client_lr(strategy, s)
+    strategy = ClientLrScaling(strategy, s)
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
     assert len(messages) == 20
     assert messages[0].content["config"]["gen-lr"] == pytest.approx(4e-3)  # not 20x
@@ -223,3 +224,51 @@ def test_a_crash_at_any_step_of_the_checkpoint_swap_resumes_from_the_newest_comp
     # and the next checkpoint goes through
     resumed.save_checkpoint(3, arrays(3.0), lambda folder: None)
     assert RunFolder.create(str(tmp_path), resume="last").start_round == 3
+
+
+def _fedadam_rounds(wire: str, rounds: int = 3) -> np.ndarray:
+    """3 rounds of FedAdam over 2 clients whose updates are 1e-5: far below a float16 step of
+    a LayerNorm-like weight near 0.9 (4.9e-4), one element with a zero update."""
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app.metadata import Metadata
+
+    from fedrag_app.strategies import Float32Global, make_strategy
+    from fedrag_app.weights import pack_reply, unpack
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    strategy = Float32Global(make_strategy(Settings(strategy="fedadam", eta=1e-3)))
+    strategy.inner._construct_messages = lambda record, node_ids, kind: [
+        SimpleNamespace(content=record) for _ in node_ids
+    ]  # Flower builds real Messages only inside a run
+    w = np.array([0.9, 0.9, 0.9, 0.5], dtype=np.float32)
+    global_ = ArrayRecord({"gen.w": Array(w)})
+    for rnd in range(1, rounds + 1):
+        strategy.configure_train(rnd, global_, ConfigRecord(), Grid())
+        received = unpack(global_)
+        replies = []
+        for node, step in ((1, 1e-5), (2, 2e-5)):
+            trained = received["generator"]["w"] + torch.tensor([step, step, step, 0.0])
+            arrays = pack_reply({"generator": {"w": trained}}, received, wire)
+            meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                            reply_to_message_id="x", group_id="1", created_at=0.0, ttl=60.0,
+                            message_type="train")  # fmt: skip
+            content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+            replies.append(Message(content=content, metadata=meta))
+        global_, _ = strategy.aggregate_train(rnd, replies)
+        assert global_["gen.w"].numpy().dtype == np.float32  # the server holds float32
+    return global_["gen.w"].numpy()
+
+
+def test_float16_on_the_wire_loses_no_update_and_stays_finite_under_fedadam():
+    import numpy as np
+
+    half, full = _fedadam_rounds("float16"), _fedadam_rounds("float32")
+    assert np.isfinite(half).all()
+    assert np.allclose(half, full, atol=1e-6)  # float16 encodes the 1e-5 updates closely
+    assert (half[:3] > 0.9).all()  # the updates were not rounded away
+    assert half[3] == pytest.approx(0.5, abs=1e-7)  # a zero update: no 0/0
