@@ -22,6 +22,7 @@ from fedrag_app.weights import nbytes, pack_reply, unpack
 
 app = ClientApp()
 OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
+LAST_ROUND = "optimizer-round"  # key in context.state: the round those moments come from
 
 
 @dataclass
@@ -109,6 +110,15 @@ def train(msg: Message, context: Context, here: Site) -> Message:
     if s.keep_optimizer_state:
         saved = context.state.get(OPTIMIZER_STATE)
         moments = dict(saved.to_torch_state_dict()) if isinstance(saved, ArrayRecord) else {}
+        last = context.state.get(LAST_ROUND)
+        last_round = int(last["round"]) if isinstance(last, ConfigRecord) else None
+        if moments and last_round != server_round - 1:
+            # not sampled in between (partial participation): moments of an older global model
+            here.log.info(
+                "round %d: last trained in round %s, AdamW moments reset", server_round, last_round
+            )
+            moments = {}
+        context.state[LAST_ROUND] = ConfigRecord({"round": server_round})
     metrics = task.train_local(
         [here.client], s, retriever, generator, False, server_round, optimizer_state=moments
     )
