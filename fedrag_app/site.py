@@ -43,6 +43,7 @@ class SitePolicy:
     """What a site decides for itself. Secure defaults: nothing but weights and numbers leave."""
 
     data_path: str = ""  # deployment: this site's client folder
+    site_id: str = ""  # names this site's store ("" = its data folder's name); unique per server
     store_path: str = ""  # embedded stores ("" = $FEDRAG_STORE_DIR or ~/.cache/fedrag-app/stores)
     store_mode: str = "embedded"  # embedded | memory | server (a qdrant-url alone means server)
     qdrant_url: str = ""  # this site's own Qdrant server
@@ -196,7 +197,8 @@ def node_client(node_config: dict[str, Any], policy: SitePolicy, s: Settings) ->
     """Deployment: the site's ``data-path``. Simulation: ``partition-id`` picks one of the sorted
     client folders of ``data-root`` (the demo by default)."""
     if policy.data_path:
-        return resolve_clients([policy.data_path])[0]
+        client = resolve_clients([policy.data_path])[0]
+        return ClientData(policy.site_id, client.folder) if policy.site_id else client
     if "partition-id" not in node_config:
         raise ValueError(
             "node config has neither 'data-path' (deployment: flower-supernode --node-config "
@@ -209,7 +211,8 @@ def node_client(node_config: dict[str, Any], policy: SitePolicy, s: Settings) ->
             f"{num} SuperNodes but {len(clients)} client folders in data-root "
             f"{s.data_root or '(demo)'}: run with num-supernodes={len(clients)}"
         )
-    return clients[pid]
+    client = clients[pid]
+    return ClientData(policy.site_id, client.folder) if policy.site_id else client
 
 
 def site_name(node_config: dict[str, Any], run_config: dict[str, Any]) -> str:

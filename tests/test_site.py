@@ -59,7 +59,7 @@ def _code(reply: Message) -> str:
 
 # ---- the site policy: only the site's node config decides -----------------------------------
 POLICY_VALUES = {
-    "data-path": "/elsewhere/data", "store-path": "/coordinator/stores", "store-mode": "server",
+    "data-path": "/elsewhere/data", "site-id": "coordinator-picked", "store-path": "/coordinator/stores", "store-mode": "server",
     "qdrant-url": "http://coordinator.example:6333", "qdrant-api-key-env": "AWS_SECRET_ACCESS_KEY",
     "allow-federated-query": True, "max-query-k": 10_000, "allow-full-retriever": True,
     "log-path": "/coordinator/log", "site-policy": "/coordinator/policy.toml",

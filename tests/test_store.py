@@ -90,3 +90,87 @@ def test_a_locked_embedded_store_gets_a_clear_error(tmp_path):
     with KnowledgeStore.open("site", "embedded", tmp_path):
         with pytest.raises(RuntimeError, match="open in another process.*store-dir"):
             KnowledgeStore.open("site", "embedded", tmp_path)
+
+
+def test_two_builders_of_one_store_on_one_server_never_break_each_other(tiny_settings, toy_root):
+    """One Qdrant server (qdrant-client's embedded engine, the same client API), two processes
+    building the same store at once: B starts and finishes inside A's build."""
+    from qdrant_client import QdrantClient
+
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever = build_retriever(tiny_settings)
+    server = QdrantClient(location=":memory:")
+    a, b = KnowledgeStore(server, "site-a"), KnowledgeStore(server, "site-a")
+
+    def chunks():
+        return chunk_documents(client.corpus(), retriever.tokenizer, 32, 4)
+
+    def chunks_while_b_builds():
+        assert b.build("fp", chunks, retriever.encode_contexts, retriever.dim, progress=False)
+        return chunks()
+
+    # A is still writing when B publishes the same fingerprint: A keeps B's and drops its own
+    built = a.build("fp", chunks_while_b_builds, retriever.encode_contexts, retriever.dim,
+                    progress=False)  # fmt: skip
+    assert built is False and a.is_current("fp") and a.count() == 6
+    assert len(server.get_collections().collections) == 1
+    hits = a.search(retriever.encode_queries(["TCP"]), 2)
+    assert len(hits[0]) == 2
+
+
+def test_sites_sharing_a_server_are_named_by_site_id(tiny_settings, toy_root, tmp_path):
+    """Two sites whose folders are both called 'data' (as in the compose file) keep their own
+    stores on one server when their policies give them their own site-id."""
+    import shutil
+
+    from qdrant_client import QdrantClient
+
+    from fedrag_app.site import SitePolicy, node_client
+
+    folders = []
+    for name in ("client-a", "client-b"):
+        folder = tmp_path / name / "data"
+        shutil.copytree(toy_root / name, folder)
+        folders.append(folder)
+    sites = [
+        node_client({}, SitePolicy(data_path=str(f), site_id=f"hospital-{i}"), tiny_settings)
+        for i, f in enumerate(folders)
+    ]
+    assert [s.name for s in sites] == ["hospital-0", "hospital-1"]
+    retriever = build_retriever(tiny_settings)
+    server = QdrantClient(location=":memory:")
+    for site in sites:
+        store = KnowledgeStore(server, site.name)
+        store.build("fp-" + site.name, lambda site=site: chunk_documents(
+            site.corpus(), retriever.tokenizer, 32, 4), retriever.encode_contexts, retriever.dim,
+            progress=False)  # fmt: skip
+    counts = [KnowledgeStore(server, s.name).count() for s in sites]
+    assert counts == [6, 6] and len(server.get_collections().collections) == 2
+
+
+def test_an_interrupted_builder_does_not_destroy_another_builders_points(tiny_settings, toy_root):
+    """B starts building the same store while A is between two batches, then dies: A's first
+    batch must survive (with one shared collection per fingerprint, B deleted it)."""
+    from qdrant_client import QdrantClient
+
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever = build_retriever(tiny_settings)
+    server = QdrantClient(location=":memory:")
+    a, b = KnowledgeStore(server, "site-a"), KnowledgeStore(server, "site-a")
+    calls = {"n": 0}
+
+    def chunks():
+        return chunk_documents(client.corpus(), retriever.tokenizer, 32, 4)
+
+    def dies(texts):
+        raise RuntimeError("builder B stopped")
+
+    def embed_a(texts):
+        calls["n"] += 1
+        if calls["n"] == 2:  # A has upserted its first batch
+            with pytest.raises(RuntimeError, match="builder B stopped"):
+                b.build("fp", chunks, dies, retriever.dim, progress=False)
+        return retriever.encode_contexts(texts)
+
+    assert a.build("fp", chunks, embed_a, retriever.dim, batch_size=2, progress=False)
+    assert a.is_current("fp") and a.count() == 6  # every chunk, none lost to B

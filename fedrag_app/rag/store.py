@@ -1,9 +1,13 @@
 """Qdrant knowledge stores: embedded on disk (default), in memory, or a Qdrant server.
 
-A store is built into a collection named after its fingerprint (corpus digest, chunking and
-context encoder) and published by pointing the alias ``<name>`` at it only once every point is
-in. An interrupted build therefore never looks complete: the next run sees no alias (or the old
-one) and rebuilds. Stores hold context-encoder embeddings, which never change during
+A store is built into a collection of its own, ``<name>--<fingerprint>--<build id>`` (the
+fingerprint covers corpus digest, chunking and context encoder), and published by pointing the
+alias ``<name>`` at it only once every point is in. An interrupted build therefore never looks
+complete: the next run sees no alias (or the old one) and rebuilds. Two processes building the
+same store on one Qdrant server each write their own collection and never delete the other's;
+the second to finish sees the first's build of the same fingerprint published and drops its
+own. ``<name>`` is the site's id (its policy's ``site-id``), so sites sharing a server do not
+collide. Stores hold context-encoder embeddings, which never change during
 fine-tuning (only the query encoder trains), so they are never re-indexed after training.
 """
 
@@ -13,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +110,8 @@ class KnowledgeStore:
         return None
 
     def is_current(self, fp: str) -> bool:
-        return self._target() == f"{self.name}--{fp}"
+        target = self._target()
+        return target is not None and target.startswith(f"{self.name}--{fp}")
 
     def build(
         self,
@@ -119,9 +125,8 @@ class KnowledgeStore:
         """Index unless the alias already points at a complete build of ``fp``; True if built."""
         if self.is_current(fp):
             return False
-        collection = f"{self.name}--{fp}"
-        if self.client.collection_exists(collection):  # a half-built leftover
-            self.client.delete_collection(collection)
+        # this build's own collection: no other builder writes or deletes it
+        collection = f"{self.name}--{fp}--{uuid.uuid4().hex[:8]}"
         self.client.create_collection(
             collection,
             vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
@@ -147,6 +152,9 @@ class KnowledgeStore:
             )
             bar.update(len(batch))
         bar.close()
+        if self.is_current(fp):  # another process published the same build meanwhile: use it
+            self.client.delete_collection(collection)
+            return False
         old = self._target()
         ops: list = (
             []
