@@ -42,8 +42,9 @@ def guarded(handler: Callable[[Message, Context, Site], Message]) -> Callable:
         log = None
         try:
             node, run = dict(context.node_config), dict(context.run_config)
-            policy = site.load_policy(node, site.site_name(node, run))
-            log = site.site_log(policy, site.site_name(node, run))
+            name = site.site_name(node, run)
+            policy = site.load_policy(node, name)
+            log = site.site_log(policy, name)
         except Exception as exc:  # noqa: BLE001 - the site's own policy is broken
             return site.error_reply(msg, site.SiteRefusal("policy-error", str(exc)), None)
         try:

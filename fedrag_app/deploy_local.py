@@ -10,7 +10,6 @@ flower-superlink, flwr supernode register, flower-supernode, flwr run, flwr list
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrag_app.simulation import APP_DIR, free_port, latest_run
+from fedrag_app.simulation import APP_DIR, free_port, latest_run, toml_value
 
 DEPLOY = APP_DIR / "deploy"
 CONNECTION = "local-tls"
@@ -155,16 +154,6 @@ def _node_value(value: object) -> str:
     )
 
 
-def _toml_value(value: object) -> str:
-    return (
-        json.dumps(value)
-        if isinstance(value, str)
-        else str(value).lower()
-        if isinstance(value, bool)
-        else str(value)
-    )
-
-
 def deploy_local(
     data_folders: list[Path],
     run_config: dict[str, object],
@@ -214,7 +203,7 @@ def deploy_local(
                 ),
                 env,
             )
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         run = subprocess.run(
             ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", overrides],
             env=env, stdout=open(logs / "flwr-run.log", "w"), stderr=subprocess.STDOUT, timeout=timeout,

@@ -128,7 +128,7 @@ def policy_toml(policy: dict[str, object]) -> str:
     """Site policy as TOML: flat keys for every site, ``{"sites": {NAME: {...}}}`` per site."""
 
     def lines(table: dict[str, object]) -> list[str]:
-        return [f"{k} = {_toml(v)}" for k, v in table.items() if not isinstance(v, dict)]
+        return [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
 
     out = lines(policy)
     for name, table in dict(policy.get("sites", {})).items():  # type: ignore[arg-type]
@@ -136,7 +136,8 @@ def policy_toml(policy: dict[str, object]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _toml(v: object) -> str:
+def toml_value(v: object) -> str:
+    """A TOML value, as Flower's --run-config and a policy file read it."""
     return (
         json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
     )
@@ -166,10 +167,7 @@ def run_simulation(
         home.mkdir(parents=True, exist_ok=True)
         (home / "site-policy.toml").write_text(policy_toml(site_policy))
         env["FEDRAG_SITE_POLICY"] = str(home / "site-policy.toml")
-    overrides = " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-        for k, v in config.items()
-    )
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
     cmd = [
         "flwr", "run", str(app_dir), "--stream",
         "--run-config", overrides,

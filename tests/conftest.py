@@ -30,6 +30,16 @@ FACTS = [
 ]
 
 
+def messages_outside_a_run(strategy) -> None:
+    """Flower's strategies build real Messages only inside a run (they need its run id):
+    here ``configure_train`` returns stand-ins that carry the shared RecordDict."""
+    from types import SimpleNamespace
+
+    strategy._construct_messages = lambda record, node_ids, kind: [
+        SimpleNamespace(content=record) for _ in node_ids
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import messages_outside_a_run
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -114,15 +115,11 @@ class _Grid:
     [("linear", 1.0, 3.0), ("linear", 0.67, 2.0), ("sqrt", 1.0, 3**0.5), ("none", 1.0, None)],
 )
 def test_clients_train_with_the_lr_scaled_by_the_number_sampled(scale, fraction, factor):
-    from types import SimpleNamespace
-
     from fedrag_app.config import Settings
 
     s = Settings(client_lr_scale=scale, fraction_train=fraction, gen_lr=1e-3, ret_lr=2e-5)
     strategy = make_strategy(s)
-    strategy._construct_messages = lambda record, node_ids, kind: [
-        SimpleNamespace(content=record) for _ in node_ids
-    ]  # Flower builds real Messages only inside a run
+    messages_outside_a_run(strategy)
     strategy = ClientLrScaling(strategy, s)
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())
     assert len(messages) == (3 if fraction == 1.0 else 2)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import messages_outside_a_run
 from safetensors.torch import load, load_file
 
 from fedrag_app.centralized import MARKER, OutputExists, run_centralized
@@ -127,8 +128,6 @@ def test_a_missing_data_folder_is_reported_before_models_load(tmp_path, monkeypa
 
 
 def test_the_lr_factor_is_capped():
-    from types import SimpleNamespace
-
     from flwr.app import ArrayRecord, ConfigRecord
 
     from fedrag_app.strategies import ClientLrScaling, make_strategy
@@ -139,9 +138,7 @@ def test_the_lr_factor_is_capped():
 
     s = Settings(min_nodes=20, gen_lr=1e-3, ret_lr=1e-3)
     strategy = make_strategy(s)
-    strategy._construct_messages = lambda record, node_ids, kind: [
-        SimpleNamespace(content=record) for _ in node_ids
-    ]  # Flower builds real Messages only inside a run
+    messages_outside_a_run(strategy)
     strategy = ClientLrScaling(strategy, s)
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
     assert len(messages) == 20
@@ -229,8 +226,6 @@ def test_a_crash_at_any_step_of_the_checkpoint_swap_resumes_from_the_newest_comp
 def _fedadam_rounds(wire: str, rounds: int = 3) -> np.ndarray:
     """3 rounds of FedAdam over 2 clients whose updates are 1e-5: far below a float16 step of
     a LayerNorm-like weight near 0.9 (4.9e-4), one element with a zero update."""
-    from types import SimpleNamespace
-
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.app.metadata import Metadata
 
@@ -242,9 +237,7 @@ def _fedadam_rounds(wire: str, rounds: int = 3) -> np.ndarray:
             return [1, 2]
 
     strategy = Float32Global(make_strategy(Settings(strategy="fedadam", eta=1e-3)))
-    strategy.inner._construct_messages = lambda record, node_ids, kind: [
-        SimpleNamespace(content=record) for _ in node_ids
-    ]  # Flower builds real Messages only inside a run
+    messages_outside_a_run(strategy.inner)
     w = np.array([0.9, 0.9, 0.9, 0.5], dtype=np.float32)
     global_ = ArrayRecord({"gen.w": Array(w)})
     for rnd in range(1, rounds + 1):
