@@ -46,7 +46,9 @@ def guarded(handler: Callable[[Message, Context, Site], Message]) -> Callable:
             policy = site.load_policy(node, name)
             log = site.site_log(policy, name)
         except Exception as exc:  # noqa: BLE001 - the site's own policy is broken
-            return site.error_reply(msg, site.SiteRefusal("policy-error", str(exc)), None)
+            # its log path is unknown then: the default one ($FEDRAG_STORE_DIR or the cache)
+            fallback = site.site_log(site.SitePolicy(), "site-policy-error")
+            return site.error_reply(msg, site.SiteRefusal("policy-error", str(exc)), fallback)
         try:
             config = dict(msg.content.get("config", ConfigRecord()))
             s = site.site_settings(run, config, policy)

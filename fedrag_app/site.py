@@ -141,7 +141,10 @@ def _checked(raw: dict[str, Any], where: str) -> dict[str, Any]:
                 f"{where}: unknown site policy key '{key}' (known: {', '.join(_POLICY_FIELDS)})"
             )
         kind = {"int": int, "bool": bool, "str": str}[str(field.type)]
-        out[key] = _coerce(key, value, kind)
+        try:
+            out[key] = _coerce(key, value, kind)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     return out
 
 

@@ -216,3 +216,16 @@ def test_an_lsr_round_with_defaults_sends_no_embedding_rows(tiny_settings, toy_r
     here.context.run_config["retriever-lora-r"] = 0
     assert _code(here.send(train)) == "refused: retriever-lora-r"
     assert "allow-full-retriever" in here.log
+
+
+def test_a_broken_site_policy_is_a_policy_error_explained_in_the_default_site_log(
+    tiny_settings, toy_root, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FEDRAG_STORE_DIR", str(tmp_path / "default-stores"))
+    bad = tmp_path / "policy.toml"
+    bad.write_text("max-query-k = 'many'\n")
+    here = Site(tiny_settings, toy_root, tmp_path, **{"site-policy": str(bad)})
+    reply = here.send(train)
+    assert _code(reply) == "policy-error" and str(bad) not in reply.error.reason
+    log = (tmp_path / "default-stores" / "site-policy-error.site.log").read_text()
+    assert str(bad) in log and "'max-query-k': expected int" in log
