@@ -18,11 +18,13 @@ from flwr.clientapp import ClientApp
 
 from fedrag_app import site, task
 from fedrag_app.config import Settings
+from fedrag_app.finetune.privacy import PrivacyLedger
 from fedrag_app.weights import nbytes, pack_reply, unpack
 
 app = ClientApp()
 OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
 LAST_ROUND = "optimizer-round"  # key in context.state: the round those moments come from
+PRIVACY = "dp-ledger"  # key in context.state: this node's DP-SGD steps in this run
 
 
 @dataclass
@@ -122,9 +124,16 @@ def train(msg: Message, context: Context, here: Site) -> Message:
             )
             moments = {}
         context.state[LAST_ROUND] = ConfigRecord({"round": server_round})
-    metrics = task.train_local(
-        [here.client], s, retriever, generator, False, server_round, optimizer_state=moments
+    # DP-SGD steps of earlier rounds stay on this node too: its epsilon covers all of them
+    saved = context.state.get(PRIVACY)
+    ledger = PrivacyLedger.from_lists(
+        dict(saved) if isinstance(saved, ConfigRecord) else {}, s.dp_delta, here.policy.max_epsilon
     )
+    metrics = task.train_local(
+        [here.client], s, retriever, generator, False, server_round, moments, ledger
+    )
+    if s.dp == "record":
+        context.state[PRIVACY] = ConfigRecord(ledger.to_lists())
     if metrics.get("skipped-examples"):
         here.log.warning(
             "round %d: %d training examples do not fit max-seq-len %d and were skipped",

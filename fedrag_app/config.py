@@ -18,7 +18,7 @@ LOCAL_ONLY = ("store_dir", "store_mode", "qdrant_url", "qdrant_api_key_env")
 # Flower strategy classes selectable with the `strategy` key (see strategies.py).
 STRATEGIES = (
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
-    "fedtrimmedavg", "krum",
+    "fedtrimmedavg", "krum", "multikrum", "bulyan",
 )  # fmt: skip
 
 
@@ -84,6 +84,14 @@ class Settings:
     tau: float = 1e-9
     beta: float = 0.2
     num_malicious: int = 0
+    num_krum_selected: int = 1
+    # Differential privacy: record-level DP-SGD in finetune/privacy.py, client-level in
+    # strategies.py (Flower's own wrapper)
+    dp: str = "none"
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0
     wire_dtype: str = "float32"
     output_dir: str = "outputs"
     resume: str = ""
@@ -99,6 +107,7 @@ class Settings:
             "lr_schedule": ("run", "round"),
             "client_lr_scale": ("linear", "sqrt", "none"),
             "strategy": STRATEGIES,
+            "dp": ("none", "record", "client"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -115,6 +124,22 @@ class Settings:
                 raise ValueError(
                     f"config key '{_kebab(name)}' = {value!r}: expected a value in {span}"
                 )
+
+        if self.dp == "record" and self.mode != "generator":
+            raise ValueError(
+                "config key 'dp' = 'record' trains the generator only (mode = generator): "
+                "DP-SGD of the query encoder's LSR loss is not implemented"
+            )
+        if self.dp == "record" and self.proximal_mu > 0:
+            raise ValueError(
+                "config key 'proximal-mu' must be 0 with dp = 'record' (DP-SGD clips "
+                "per-example gradients; the proximal term has none)"
+            )
+        if self.dp == "client" and self.strategy != "fedavg":
+            raise ValueError(
+                "config key 'dp' = 'client' needs strategy = fedavg (Flower's privacy "
+                f"accounting is defined for FedAvg's mean), got strategy = {self.strategy!r}"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -146,6 +171,9 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "round_timeout": (0, None, True), "eta": (0, None, True),
     "server_learning_rate": (0, None, True), "server_momentum": (0, 1, False),
     "tau": (0, None, True), "beta": (0, 0.5, False), "num_malicious": (0, None, False),
+    "num_krum_selected": (1, None, False),
+    "dp_epsilon": (0, None, True), "dp_delta": (0, 1, True), "dp_clip_norm": (0, None, True),
+    "dp_noise_multiplier": (0, None, False),
 }  # fmt: skip
 
 

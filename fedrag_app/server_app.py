@@ -13,7 +13,13 @@ from fedrag_app import task
 from fedrag_app.config import Settings, settings_from
 from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import ClientLrScaling, Float32Global, Recording, make_strategy
+from fedrag_app.strategies import (
+    ClientLrScaling,
+    Float32Global,
+    Recording,
+    RejectNonFinite,
+    make_strategy,
+)
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ServerApp()
@@ -42,9 +48,12 @@ def main(grid: Grid, context: Context) -> None:
     base = ConfigRecord({"base-fingerprint": task.base_fingerprint(retriever, generator)})
     export = exporter(s, retriever, generator)
     # Flower's strategy, wrapped as its DifferentialPrivacy* classes are: lrs scaled per round,
-    # float16 updates decoded onto the float32 global model, every reply recorded
+    # float16 updates decoded onto the float32 global model, NaN/Inf replies dropped, every
+    # reply recorded
     strategy = Recording(
-        Float32Global(ClientLrScaling(make_strategy(s), s)),
+        Float32Global(
+            RejectNonFinite(ClientLrScaling(make_strategy(s), s), run.history, run.start_round)
+        ),
         run.history,
         run.start_round,
         nbytes(initial),

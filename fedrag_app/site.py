@@ -52,6 +52,7 @@ class SitePolicy:
     max_query_k: int = 5  # at most this many chunks per federated query
     allow_full_retriever: bool = False  # send a fully trained query encoder (reveals tokens)
     log_path: str = ""  # this site's private log ("" = <store dir>/<site>.site.log)
+    max_epsilon: float = 0.0  # > 0: train only with dp=record, and never past this epsilon
 
     def __post_init__(self) -> None:
         if self.store_mode not in ("embedded", "memory", "server"):
@@ -59,6 +60,8 @@ class SitePolicy:
                 f"site policy key 'store-mode' = {self.store_mode!r}: expected embedded, "
                 "memory or server"
             )
+        if self.max_epsilon < 0:
+            raise ValueError(f"site policy key 'max-epsilon' = {self.max_epsilon}: must be >= 0")
         if self.max_query_k < 0:
             raise ValueError(f"site policy key 'max-query-k' = {self.max_query_k}: must be >= 0")
 
@@ -184,6 +187,13 @@ def check_training(s: Settings, policy: SitePolicy) -> None:
             "in this site's node config to allow it",
         )
 
+    if policy.max_epsilon > 0 and s.dp != "record":
+        raise SiteRefusal(
+            "refused: dp",
+            f"this site's node config sets max-epsilon={policy.max_epsilon:g}: it trains only "
+            f"with record-level DP (dp=record), the run asks dp={s.dp}",
+        )
+
 
 def query_k(requested: int, policy: SitePolicy) -> int:
     """Federated query: refused unless the site allows it; k capped by the site."""
@@ -253,8 +263,12 @@ def site_log(policy: SitePolicy, name: str) -> logging.Logger:
 
 
 def error_code(exc: BaseException) -> str:
+    from fedrag_app.finetune.privacy import BudgetExceeded
+
     if isinstance(exc, SiteRefusal):
         return exc.code
+    if isinstance(exc, BudgetExceeded):
+        return "refused: privacy-budget"
     if isinstance(exc, ModelMismatch):
         return "model-mismatch"
     if isinstance(exc, DataError):

@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -18,6 +19,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -57,6 +59,14 @@ def make_strategy(s: Settings) -> Strategy:
         return FedTrimmedAvg(**common, beta=s.beta)
     if s.strategy == "krum":
         return Krum(**common, num_malicious_nodes=s.num_malicious)
+    if s.strategy == "multikrum":
+        return MultiKrum(
+            **common,
+            num_malicious_nodes=s.num_malicious,
+            num_nodes_to_select=s.num_krum_selected,
+        )
+    if s.strategy == "bulyan":  # needs at least 4 x num-malicious + 3 replies
+        return Bulyan(**common, num_malicious_nodes=s.num_malicious)
     raise ValueError(f"config key 'strategy' = {s.strategy!r} is not supported")
 
 
@@ -175,6 +185,41 @@ def decode_update(record: ArrayRecord, sent: dict[str, np.ndarray]) -> ArrayReco
             values = sent[key] + values.astype(np.float32)
         out[key] = Array(np.asarray(values, dtype=np.float32))
     return ArrayRecord(out)
+
+
+class RejectNonFinite(StrategyWrapper):
+    """Drop every reply whose arrays hold NaN or Inf before the inner strategy sees it.
+
+    One broken or hostile site must not turn the global model into NaN (a mean, a median and
+    FedAdam's moments all propagate it). The round goes on with the other replies; each
+    rejected node gets a history row (``rejected-non-finite`` = 1, no data) and the round's
+    aggregate counts them in ``rejected-replies``.
+    """
+
+    def __init__(self, inner: Strategy, history: History, offset: int) -> None:
+        super().__init__(inner)
+        self.history, self.offset = history, offset
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept, rejected = [], 0
+        for msg in replies:
+            if msg.has_content() and not all_finite(msg.content["arrays"]):
+                rejected += 1
+                node = f"node-{msg.metadata.src_node_id}"
+                self.history.add(
+                    server_round + self.offset, "train", node, {"rejected-non-finite": 1.0}
+                )
+                continue
+            kept.append(msg)
+        arrays, metrics = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
+        metrics = MetricRecord({**dict(metrics or {}), "rejected-replies": float(rejected)})
+        return arrays, metrics
+
+
+def all_finite(record: ArrayRecord) -> bool:
+    return all(np.isfinite(a.numpy()).all() for a in record.values())
 
 
 class Recording(StrategyWrapper):

@@ -21,6 +21,7 @@ from fedrag_app.data import ClientData, file_digest
 from fedrag_app.evaluation import evaluate_system, summarize
 from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
 from fedrag_app.finetune.lsr import LsrLoss
+from fedrag_app.finetune.privacy import DpSettings, PrivacyLedger, noise_multiplier, poisson_batches
 from fedrag_app.finetune.ralt import RaltLoss, raft_examples, ralt_examples
 from fedrag_app.rag.chunking import chunk_documents
 from fedrag_app.rag.generator import Generator, LoraSettings
@@ -145,8 +146,13 @@ def train_local(
     progress: bool = True,
     server_round: int = 0,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    privacy: PrivacyLedger | None = None,
 ) -> dict[str, float]:
     """Fine-tune in place on the pooled train sets of ``clients``; returns numeric metrics.
+
+    With ``dp = record`` the generator trains with DP-SGD; ``privacy`` holds the site's private
+    steps of earlier rounds (and its budget), and gains this call's, so the reported
+    ``dp-epsilon`` covers the whole run so far.
 
     Mode ``both`` trains the retriever first (LSR, ``local-steps`` steps), then the generator
     (RALT, ``local-steps`` steps) on contexts retrieved with the freshly trained query encoder.
@@ -206,19 +212,37 @@ def train_local(
                 if s.raft_p > 0:
                     examples += raft_examples(mine, hits, s.raft_p, s.raft_distractors, rng)
                 else:
-                    examples += ralt_examples(mine, hits, s.top_k)
-            loss = RaltLoss(generator, s.max_seq_len)
+                    # DP: one example per QA pair, the unit the guarantee is about
+                    examples += ralt_examples(mine, hits, s.top_k, joint=s.dp == "record")
+            loss = RaltLoss(generator, s.max_seq_len, per_example=s.dp == "record")
             fit = [e for e in examples if loss.fits(e)]
             skipped += len(examples) - len(fit)
-            batches = length_grouped_batches(fit, loss.length, s.batch_size, rng)
+            dp = None
+            if s.dp == "record":
+                dp = _dp_settings(s, len(fit), federated=server_round > 0)
+                privacy = privacy or PrivacyLedger(s.dp_delta)
+                privacy.plan(dp, s.local_steps)  # refuse before training, not after
+                batches = poisson_batches(fit, dp.sample_rate, rng)
+            else:
+                batches = length_grouped_batches(fit, loss.length, s.batch_size, rng)
             res = run_loop(
                 _prefixed("gen.", generator.trainable_parameters()),
                 batches,
                 loss,
-                LoopSettings(lr=s.gen_lr, desc="RALT (generator)", **loop),
+                LoopSettings(lr=s.gen_lr, desc="RALT (generator)", dp=dp, **loop),
                 optimizer_state,
+                module=generator.model,
             )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
+            if dp is not None and privacy is not None:
+                privacy.record(dp, int(res["steps"]))
+                metrics.update(
+                    {
+                        "dp-epsilon": privacy.epsilon(),
+                        "dp-noise-multiplier": dp.noise_multiplier,
+                        "dp-sample-rate": dp.sample_rate,
+                    }
+                )
     # examples longer than max-seq-len are left out and counted, never a failed round
     metrics["skipped-examples"] = float(skipped)
     metrics["contexts-cut"] = float(generator.contexts_cut - cut_before)
@@ -230,6 +254,16 @@ def train_local(
     metrics["train-loss"] = metrics.get("gen-loss", metrics.get("ret-loss", 0.0))
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def _dp_settings(s: Settings, examples: int, federated: bool) -> DpSettings:
+    """The noise for the whole run's steps at this site's sampling rate: a federated site
+    plans for every round (num-server-rounds x local-steps), a centralized run for its steps."""
+    expected = min(s.batch_size * s.grad_accum, examples)
+    rate = expected / max(examples, 1)
+    steps = s.local_steps * (s.num_server_rounds if federated else 1)
+    z = noise_multiplier(s.dp_epsilon, s.dp_delta, rate, steps, s.dp_noise_multiplier)
+    return DpSettings(z, s.dp_clip_norm, rate, expected, s.batch_size)
 
 
 def _prefixed(prefix: str, params: dict[str, torch.nn.Parameter]) -> dict:

@@ -195,7 +195,7 @@ def test_a_client_places_its_steps_in_the_run_schedule(
 
     seen = []
     monkeypatch.setattr(
-        task, "run_loop", lambda params, batches, loss, cfg, *_: seen.append(cfg) or {}
+        task, "run_loop", lambda params, batches, loss, cfg, *_, **__: seen.append(cfg) or {}
     )
     client = resolve_clients([toy_root / "client-a"])[0]
     s = tiny_settings.replace(

@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from fedrag_app.finetune.privacy import DpSettings, PrivateOptimizer
+
 T = TypeVar("T")
 
 
@@ -33,6 +35,9 @@ class LoopSettings:
     # steps [(r-1)*steps, r*steps) of one warmup-and-decay over R*steps, as one long run would.
     schedule_start: int = 0
     schedule_total: int = 0  # 0 = just these steps
+    # DP-SGD (privacy.py): each step takes ONE Poisson batch, clipped per example and noised;
+    # max_grad_norm, grad_accum and proximal_mu do not apply then
+    dp: DpSettings | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -64,8 +69,12 @@ def run_loop(
     loss_fn: Callable[[T], tuple[torch.Tensor, int]],
     cfg: LoopSettings,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    module: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` optimizer steps; ``loss_fn`` returns (mean loss, tokens processed).
+
+    With ``cfg.dp`` the loss must be the mean of per-example losses and ``module`` the model
+    ``loss_fn`` runs: Opacus hooks it for per-example gradients during these steps only.
 
     With ``proximal_mu`` > 0 the loss adds mu/2 * ||w - w_start||^2 over the trained
     parameters (FedProx), w_start being the weights received from the server.
@@ -81,6 +90,8 @@ def run_loop(
         keys = ("loss", "loss_first", "steps", "tokens", "seconds", "optimizer_steps", "lr")
         return dict.fromkeys(keys, 0.0)
     anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
+    if cfg.dp is not None and (module is None or anchor is not None):
+        raise ValueError("DP-SGD needs the module the loss runs, and no proximal term")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     if optimizer_state:
         _load_adam_state(optimizer, params, optimizer_state)
@@ -95,37 +106,58 @@ def run_loop(
         if cfg.autocast_bf16
         else contextlib.nullcontext()
     )
-    losses: list[float] = []
-    tokens = 0
+    losses: list[float] = []  # one per step that saw examples
+    tokens = steps_done = 0
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=cfg.desc, unit="step", disable=not cfg.progress)
-    for _ in bar:
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            with autocast:
-                loss, n_tokens = loss_fn(next(batches))
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True))
-                loss = loss + cfg.proximal_mu / 2 * prox
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            tokens += n_tokens
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+    private = PrivateOptimizer(module, optimizer, cfg.dp) if cfg.dp is not None else None
+    try:
+        bar = tqdm(range(cfg.steps), desc=cfg.desc, unit="step", disable=not cfg.progress)
+        for _ in bar:
+            if private is not None:  # one Poisson batch, in chunks, then clip + noise + step
+                batch = next(batches)
+                parts = [
+                    batch[i : i + cfg.dp.micro_batch]
+                    for i in range(0, len(batch), cfg.dp.micro_batch)
+                ]
+                scale = [len(p) / len(batch) for p in parts]
+            else:
+                parts = [next(batches) for _ in range(cfg.grad_accum)]
+                scale = [1 / cfg.grad_accum] * cfg.grad_accum
+            step_loss = 0.0
+            for part, weight in zip(parts, scale, strict=True):
+                with autocast:
+                    loss, n_tokens = loss_fn(part)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True))
+                    loss = loss + cfg.proximal_mu / 2 * prox
+                # DP: per-example gradients, not divided by the chunk count (Opacus averages)
+                (loss if private is not None else loss / cfg.grad_accum).backward()
+                step_loss += loss.item() * weight
+                tokens += n_tokens
+            if private is not None:
+                private.step(sum(len(p) for p in parts))
+            else:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            steps_done += 1
+            if parts:
+                losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+    finally:
+        if private is not None:
+            private.close()
     seconds = time.perf_counter() - start
     if optimizer_state is not None:
         optimizer_state.update(_adam_state(optimizer, params))
     adam_steps = max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
-    tail = losses[-max(1, len(losses) // 4) :]
+    tail = losses[-max(1, len(losses) // 4) :] or [0.0]
     return {
         "loss": sum(tail) / len(tail),
-        "loss_first": losses[0],
-        "steps": len(losses),
+        "loss_first": losses[0] if losses else 0.0,
+        "steps": steps_done,
         "tokens": tokens,
         "seconds": seconds,
         "optimizer_steps": adam_steps,  # > steps when moments were carried over

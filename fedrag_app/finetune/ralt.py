@@ -26,7 +26,22 @@ class Example:
     has_gold: bool = False
 
 
-def ralt_examples(pairs: list[QAPair], hits: list[list[Hit]], k: int) -> list[Example]:
+def ralt_examples(
+    pairs: list[QAPair], hits: list[list[Hit]], k: int, joint: bool = False
+) -> list[Example]:
+    """``joint``: ONE example per pair with its top-k chunks in one prompt (as answering sees
+    them). DP-SGD needs that: a QA pair is then one row of the per-example gradients, so
+    clipping bounds what any one record contributes (k rows would give it k clip norms)."""
+    if joint:
+        return [
+            Example(
+                p.question,
+                tuple(h.text for h in hs[:k]),
+                p.answers[0],
+                any(contains_answer(h.text, p.answers) for h in hs[:k]),
+            )
+            for p, hs in zip(pairs, hits, strict=True)
+        ]
     return [
         Example(p.question, (h.text,), p.answers[0], contains_answer(h.text, p.answers))
         for p, hs in zip(pairs, hits, strict=True)
@@ -54,9 +69,12 @@ def raft_examples(
 class RaltLoss:
     """Causal-LM loss on answer tokens; the prompt and context are labelled IGNORE."""
 
-    def __init__(self, generator: Generator, max_len: int) -> None:
+    def __init__(self, generator: Generator, max_len: int, per_example: bool = False) -> None:
         self.generator = generator
         self.max_len = max_len
+        # DP-SGD needs the mean of per-example losses: with one token mean over the batch,
+        # an example's gradient would scale with the OTHER examples' answer lengths
+        self.per_example = per_example
         self._cache: dict[Example, tuple[list[int], list[int]]] = {}
 
     def encode(self, ex: Example) -> tuple[list[int], list[int]]:
@@ -81,5 +99,8 @@ class RaltLoss:
         self.generator.model.train()
         encoded = [self.encode(e) for e in batch]
         token_logp, valid = self.generator.answer_token_logprobs(encoded)
-        loss = -token_logp.sum() / valid.sum()
+        if self.per_example:
+            loss = -(token_logp.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).mean()
+        else:
+            loss = -token_logp.sum() / valid.sum()
         return loss, sum(len(ids) for ids, _ in encoded)
