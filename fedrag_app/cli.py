@@ -1,4 +1,4 @@
-"""`fedrag` command: index, query, eval, train --centralized, compare, import-hf."""
+"""`fedrag` command: index, query, eval, train --centralized, compare, import-hf, split."""
 
 from __future__ import annotations
 
@@ -156,6 +156,24 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from fedrag_app.split import split, table
+
+    summary = split(
+        resolve_clients(args.data),
+        Path(args.out),
+        args.clients,
+        kind=args.partitioner,
+        alpha=args.alpha,
+        partition_by=args.partition_by,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(table(summary))
+    print(f"wrote {len(summary['sites'])} sites and split.json to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"])
     p.add_argument("--partition-by", default="")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("split", help="per-client data -> N non-IID sites (flwr-datasets)")
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="DIR",
+        help="client folder or data root (repeatable; default: the packaged demo)",
+    )
+    p.add_argument("--clients", type=int, required=True, help="number of sites to write")
+    p.add_argument("--partitioner", default="dirichlet", choices=["iid", "dirichlet", "shard"])
+    p.add_argument("--alpha", type=float, default=0.5, help="dirichlet concentration")
+    p.add_argument(
+        "--partition-by",
+        default="client",
+        help="the label the split is non-IID over: 'client' (the input client folder a "
+        "document came from) or a corpus field",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="a new data root (or a previous split)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous split in --out")
+    p.set_defaults(func=cmd_split)
     return parser
 
 

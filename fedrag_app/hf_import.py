@@ -14,21 +14,43 @@ from pathlib import Path
 from typing import Any
 
 from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
 
 from fedrag_app.data import DataError, write_jsonl
 
 
-def make_partitioner(kind: str, num_partitions: int, by: str = "", seed: int = 0) -> Partitioner:
+def make_partitioner(
+    kind: str,
+    num_partitions: int,
+    by: str = "",
+    seed: int = 0,
+    alpha: float = 0.5,
+    min_partition_size: int = 10,
+) -> Partitioner:
+    """``iid``, ``dirichlet`` (alpha = concentration over the ``by`` labels) or ``shard`` (each
+    partition gets two label-sorted shards)."""
     if kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
+    if kind in ("dirichlet", "shard") and not by:
+        raise DataError(f"partitioner {kind!r} needs a label column (--partition-by)")
     if kind == "dirichlet":
-        if not by:
-            raise DataError("partitioner 'dirichlet' needs a label column (--partition-by)")
         return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by=by, alpha=0.5, seed=seed
+            num_partitions=num_partitions,
+            partition_by=by,
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            seed=seed,
         )
-    raise DataError(f"unknown partitioner {kind!r}: expected iid or dirichlet")
+    if kind == "shard":
+        return ShardPartitioner(
+            num_partitions=num_partitions, partition_by=by, num_shards_per_partition=2, seed=seed
+        )
+    raise DataError(f"unknown partitioner {kind!r}: expected iid, dirichlet or shard")
 
 
 def _partitions(

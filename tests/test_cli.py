@@ -82,7 +82,7 @@ def test_train_without_centralized_points_to_flower(capsys):
     assert "flwr run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["index", "query", "eval", "train", "import-hf"])
+@pytest.mark.parametrize("command", ["index", "query", "eval", "train", "import-hf", "split"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
