@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedrag_app import site, task
 from fedrag_app.config import Settings
-from fedrag_app.finetune.privacy import PrivacyLedger
+from fedrag_app.finetune.privacy import DP_WEIGHT, PrivacyLedger
 from fedrag_app.weights import nbytes, pack_reply, unpack
 
 app = ClientApp()
@@ -146,6 +146,8 @@ def train(msg: Message, context: Context, here: Site) -> Message:
     trained = task.trainable_states(s.mode, retriever, generator)
     arrays = pack_reply(trained, here.received, s.wire_dtype)
     metrics.update({"bytes-down": float(down), "bytes-up": float(nbytes(arrays)), **_peak(context)})
+    if s.dp == "client":  # Flower's accounted client-level DP averages sites unweighted
+        metrics[DP_WEIGHT] = 1.0
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from fedrag_app.atomic import atomic_text, atomic_write
 
 PLOTTED = ("em", "f1", "recall_at_k", "mrr", "train-loss")
+# train-stage metrics: each site's record-level epsilon, the server's client-level one
+TRAIN_STAGE = ("train-loss", "dp-epsilon", "dp-client-epsilon")
 
 
 class History:
@@ -59,8 +61,22 @@ class History:
         import matplotlib.pyplot as plt
 
         clients = sorted({r["client"] for r in self.rows}, key=lambda c: (c == "aggregated", c))
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-        for ax, key in zip(axes.flat, (*PLOTTED, "bytes"), strict=True):
+        fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+        for ax, key in zip(axes.flat, (*PLOTTED, "bytes", "epsilon", ""), strict=True):
+            if key == "epsilon":
+                for client in clients:
+                    for tag in ("dp-epsilon", "dp-client-epsilon"):
+                        x, y = self.series("train", client, tag)
+                        if x:
+                            ax.plot(x, y, marker="o", label=f"{client} {tag}")
+                ax.set_title("epsilon (delta = dp-delta)" if ax.lines else "epsilon (no DP)")
+                ax.set_xlabel("round")
+                if ax.lines:
+                    ax.legend(fontsize=7)
+                continue
+            if not key:
+                ax.axis("off")
+                continue
             for client in clients:
                 if key == "bytes":
                     for tag in ("bytes-up", "bytes-down"):
@@ -68,7 +84,7 @@ class History:
                         if x and client != "aggregated":
                             ax.plot(x, [v / 1e6 for v in y], marker="o", label=f"{client} {tag}")
                     continue
-                stage = "train" if key == "train-loss" else "evaluate"
+                stage = "train" if key in TRAIN_STAGE else "evaluate"
                 x, y = self.series(stage, client, key)
                 if x:
                     style = "-" if client == "aggregated" else "--"

@@ -7,9 +7,10 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -24,18 +25,25 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrag_app.config import Settings
+from fedrag_app.finetune.privacy import DP_WEIGHT, noise_multiplier
 from fedrag_app.history import History
 from fedrag_app.weights import nbytes
 
 
-def make_strategy(s: Settings) -> Strategy:
-    common = dict(
+def _common(s: Settings) -> dict:
+    return dict(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_nodes,
         min_evaluate_nodes=s.min_nodes if s.fraction_evaluate > 0 else 0,
         min_available_nodes=s.min_nodes,
     )
+
+
+def make_strategy(s: Settings) -> Strategy:
+    if s.dp == "client":  # every site's update clipped, Gaussian noise on the mean, accounted
+        return ClientLevelDp(FedAvg(**_common(s), weighted_by_key=DP_WEIGHT), s)
+    common = _common(s)
     if s.strategy == "fedavg":
         return FedAvg(**common)
     if s.strategy == "fedavgm":
@@ -105,6 +113,63 @@ class StrategyWrapper(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+class ClientLevelDp(StrategyWrapper):
+    """Client-level DP with Flower's own ``DifferentialPrivacyServerSideFixedClipping`` around
+    FedAvg and Flower's RDP accountant: each round clips every site's update to
+    ``dp-clip-norm`` and adds Gaussian noise (``dp-noise-multiplier`` x clip / n) to the mean.
+
+    Flower's wrapper needs the number of sites sampled per round, known only once the grid
+    is: it is built at the first round, with Flower's own rule (max(fraction x available,
+    min-nodes)). The accountant composes one un-amplified Gaussian release per round (Flower
+    1.41 accounts no sampling amplification), so epsilon is an upper bound; a round in which a
+    sampled site fails is not released (Flower's accounted mode). ``dp-client-epsilon`` in the
+    round's aggregate is the epsilon spent so far, at ``dp-delta``.
+    """
+
+    def __init__(self, inner: FedAvg, s: Settings) -> None:
+        super().__init__(inner)
+        self.settings, self.fedavg = s, inner
+        self.wrapped: DifferentialPrivacyServerSideFixedClipping | None = None
+
+    def _build(self, grid: Grid) -> DifferentialPrivacyServerSideFixedClipping:
+        s = self.settings
+        nodes = len(list(grid.get_node_ids()))
+        sampled = max(int(nodes * s.fraction_train), s.min_nodes)
+        z = noise_multiplier(
+            s.dp_epsilon, s.dp_delta, 1.0, s.num_server_rounds, s.dp_noise_multiplier
+        )
+        config = PrivacyConfig(
+            target_delta=s.dp_delta,
+            population_size=max(nodes, sampled),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+        return DifferentialPrivacyServerSideFixedClipping(
+            self.fedavg, z, s.dp_clip_norm, sampled, accountant=RdpAccountant(config)
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.wrapped is None:
+            self.wrapped = self._build(grid)
+            self.inner = self.wrapped
+        return self.wrapped.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        extra = {}
+        if self.wrapped is not None:
+            spent = self.wrapped.privacy_spent()
+            extra = {
+                "dp-client-epsilon": float(spent.epsilon) if spent else 0.0,
+                "dp-noise-multiplier": float(self.wrapped.noise_multiplier),
+            }
+        return arrays, MetricRecord({**dict(metrics or {}), **extra})
 
 
 class ClientLrScaling(StrategyWrapper):

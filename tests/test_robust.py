@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, Krum, MultiKrum
 from test_federation import _meta, reply
 
@@ -71,3 +71,77 @@ def test_krum_discards_a_sign_flipped_scaled_update():
     assert np.all(arrays["gen.w"].numpy() > 0.9)
     arrays, _ = FedAvg().aggregate_train(1, [*honest, hostile])
     assert np.all(arrays["gen.w"].numpy() < -5)  # the plain mean is dragged away
+
+
+# ---- client-level DP: Flower's own wrapper and accountant ---------------------------------
+class _Grid:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _update_reply(node: int, values: np.ndarray) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"gen.w": Array(values.astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10 * node, "dp-weight": 1.0}),
+        }
+    )
+    return Message(content=content, metadata=_meta(node))
+
+
+def test_client_level_dp_clips_each_site_adds_the_noise_and_accounts_epsilon():
+    from conftest import messages_outside_a_run
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    from fedrag_app.strategies import ClientLevelDp
+
+    s = Settings(dp="client", dp_clip_norm=1.0, dp_noise_multiplier=0.8, min_nodes=2,
+                 num_server_rounds=3, dp_delta=1e-5)  # fmt: skip
+    strategy = make_strategy(s)
+    assert isinstance(strategy, ClientLevelDp)
+    messages_outside_a_run(strategy.fedavg)
+    size = 40_000
+    current = ArrayRecord({"gen.w": Array(np.zeros(size, dtype=np.float32))})
+    eps = []
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, current, ConfigRecord(), _Grid(4)))
+        assert len(messages) == 4
+        # every site's update has norm 100: clipped to 1, so the mean is at most 1 in norm
+        replies = [_update_reply(n, np.full(size, 100 / np.sqrt(size))) for n in range(1, 5)]
+        arrays, metrics = strategy.aggregate_train(rnd, replies)
+        delta = arrays["gen.w"].numpy()
+        clipped_mean = 1 / np.sqrt(size)
+        noise = delta - clipped_mean
+        assert noise.std() == pytest.approx(0.8 * 1.0 / 4, rel=0.03)  # z x clip / n
+        assert abs(noise.mean()) < 0.01
+        eps.append(metrics["dp-client-epsilon"])
+    direct = RdpAccountant(
+        PrivacyConfig(target_delta=1e-5, population_size=4,
+                      neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                      sampling_method=SamplingMethod.NO_AMPLIFICATION)
+    )  # fmt: skip
+    direct.compose(GaussianPrivacyEvent(noise_multiplier=0.8, sample_size=4, population_size=4), 2)
+    assert 0 < eps[0] < eps[1] == pytest.approx(direct.get_epsilon(1e-5))
+
+
+def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
+    from conftest import messages_outside_a_run
+
+    s = Settings(dp="client", dp_epsilon=4.0, num_server_rounds=5, min_nodes=2)
+    strategy = make_strategy(s)
+    messages_outside_a_run(strategy.fedavg)
+    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(3))
+    z = strategy.wrapped.noise_multiplier
+    assert z > 1.0  # a Gaussian release per round: 5 of them within epsilon 4
+    from fedrag_app.finetune.privacy import PrivacyLedger
+
+    assert PrivacyLedger(1e-5, entries=[(z, 1.0, 5)]).epsilon() <= 4.0 + 0.01

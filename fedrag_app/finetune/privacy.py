@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+DP_WEIGHT = "dp-weight"  # with dp=client every site sends 1.0: the accounted mean is unweighted
 # Opacus hooks LoRA layers whose inputs are frozen activations; torch warns at every backward
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
