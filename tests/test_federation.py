@@ -216,7 +216,7 @@ def test_a_resumed_run_trains_with_the_run_round_not_flowers_restarted_count(
 
     seen = []
 
-    def fake_train(clients, s, retriever, generator, progress, server_round, optimizer_state):
+    def fake_train(clients, s, retriever, generator, progress, server_round, *_, **__):
         seen.append((s.seed, server_round))
         return {"num-examples": 1.0}
 
