@@ -27,8 +27,11 @@ from fedrag_app.config import parse_overrides
 from fedrag_app.simulation import APP_DIR, run_simulation
 
 BENCH = Path(__file__).resolve().parent
-# short runs, the same for every row: 3 rounds x 5 steps, 20 eval questions per site
-BUDGET = {"num-server-rounds": 3, "local-steps": 5, "eval-limit": 20, "fraction-evaluate": 1.0}
+# short runs, the same for every row: 3 rounds x 5 steps, the final model evaluated on 20
+# questions per site; the reference rows (REFERENCE) also evaluate the base system (round 0)
+BUDGET = {"num-server-rounds": 3, "local-steps": 5, "eval-limit": 20, "fraction-evaluate": 1.0,
+          "evaluate-every": 0}  # fmt: skip
+REFERENCE = ("fedavg clean", "no DP")
 
 
 def hostile_app_dir(root: Path) -> Path:
@@ -66,9 +69,10 @@ def final_metrics(run_dir: Path) -> dict:
     client_eps = [r["dp-client-epsilon"] for r in rows if r["round"] == last
                   and r["client"] == "aggregated" and "dp-client-epsilon" in r]  # fmt: skip
     rejected = sum(1 for r in train if r.get("rejected-non-finite"))
-    base = next((r for r in rows if r["round"] == 0 and r["client"] == "aggregated"), {})
+    base = next((r for r in rows if r["round"] == 0 and r["client"] == "aggregated"), None)
     return {
-        "EM": round(agg["em"], 1), "F1": round(agg["f1"], 1), "base EM": round(base.get("em", 0), 1),
+        "EM": round(agg["em"], 1), "F1": round(agg["f1"], 1),
+        "base EM": round(base["em"], 1) if base else None,
         "max site epsilon": round(max(eps), 2) if eps else None,
         "client epsilon": round(client_eps[0], 2) if client_eps else None,
         "rejected replies": rejected,
@@ -115,6 +119,15 @@ def rows_for(table: str, args) -> list[tuple[str, dict, dict]]:
     return rows
 
 
+def same_run_elsewhere(name: str, args, out: Path) -> dict | None:
+    """'no DP' is the poisoning table's 'fedavg clean' (same sites, budget, seed): reuse it."""
+    other = out.parent / f"poisoning-{args.clients}-sites.jsonl"
+    if name != "no DP" or args.config or not other.exists():
+        return None
+    rows = [json.loads(line) for line in other.read_text().splitlines()]
+    return next((r for r in rows if r["row"] == "fedavg clean" and r["status"] == "finished:completed"), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,6 +157,15 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     for name, cfg, env in rows_for(args.table, args):
         if name in done or (only and name not in only):
+            continue
+        if name in REFERENCE:  # also the base system: round 0 and the last round
+            cfg = {**cfg, "evaluate-every": base["num-server-rounds"]}
+        reused = same_run_elsewhere(name, args, out)
+        if reused:
+            row = {**reused, "row": name, "note": "the same run as the poisoning table's"}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
             continue
         row = run_row(name.replace(" ", "_").replace("=", ""), {**base, **cfg}, env,
                       args.clients, app, work)  # fmt: skip

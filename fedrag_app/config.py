@@ -76,6 +76,7 @@ class Settings:
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluate_every: int = 1
     min_nodes: int = 2
     round_timeout: int = 3600
     eta: float = 1e-2
@@ -167,7 +168,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "lsr_k": (1, None, False), "lsr_gamma": (0, None, True), "lsr_tau": (0, None, True),
     "proximal_mu": (0, None, False), "eval_limit": (0, None, False),
     "num_server_rounds": (0, None, False), "fraction_train": (0, 1, True),
-    "fraction_evaluate": (0, 1, False), "min_nodes": (1, None, False),
+    "fraction_evaluate": (0, 1, False), "evaluate_every": (0, None, False),
+    "min_nodes": (1, None, False),
     "round_timeout": (0, None, True), "eta": (0, None, True),
     "server_learning_rate": (0, None, True), "server_momentum": (0, 1, False),
     "tau": (0, None, True), "beta": (0, 0.5, False), "num_malicious": (0, None, False),

@@ -15,6 +15,7 @@ from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.run_folder import RunFolder
 from fedrag_app.strategies import (
     ClientLrScaling,
+    EvaluateEvery,
     Float32Global,
     Recording,
     RejectNonFinite,
@@ -49,20 +50,25 @@ def main(grid: Grid, context: Context) -> None:
     export = exporter(s, retriever, generator)
     # Flower's strategy, wrapped as its DifferentialPrivacy* classes are: lrs scaled per round,
     # float16 updates decoded onto the float32 global model, NaN/Inf replies dropped, every
-    # reply recorded
-    strategy = Recording(
-        Float32Global(
-            RejectNonFinite(ClientLrScaling(make_strategy(s), s), run.history, run.start_round)
+    # reply recorded, and evaluation only in the rounds due (evaluate-every)
+    strategy = EvaluateEvery(
+        Recording(
+            Float32Global(
+                RejectNonFinite(ClientLrScaling(make_strategy(s), s), run.history, run.start_round)
+            ),
+            run.history,
+            run.start_round,
+            nbytes(initial),
         ),
-        run.history,
+        s.evaluate_every,
+        s.num_server_rounds,
         run.start_round,
-        nbytes(initial),
     )
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 
     if run.start_round == 0:
         run.save_arrays("initial.npz", initial)
-    if run.start_round == 0 and s.fraction_evaluate > 0:  # the base system, as round 0
+    if run.start_round == 0 and s.fraction_evaluate > 0 and s.evaluate_every > 0:  # base, round 0
         replies = grid.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(dict(base)), grid),
             timeout=s.round_timeout,

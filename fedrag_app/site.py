@@ -53,6 +53,7 @@ class SitePolicy:
     allow_full_retriever: bool = False  # send a fully trained query encoder (reveals tokens)
     log_path: str = ""  # this site's private log ("" = <store dir>/<site>.site.log)
     max_epsilon: float = 0.0  # > 0: train only with dp=record, and never past this epsilon
+    max_delta: float = 1e-5  # with max-epsilon: the run's dp-delta may not exceed this
 
     def __post_init__(self) -> None:
         if self.store_mode not in ("embedded", "memory", "server"):
@@ -62,6 +63,8 @@ class SitePolicy:
             )
         if self.max_epsilon < 0:
             raise ValueError(f"site policy key 'max-epsilon' = {self.max_epsilon}: must be >= 0")
+        if not 0 < self.max_delta < 1:
+            raise ValueError(f"site policy key 'max-delta' = {self.max_delta}: must be in (0, 1)")
         if self.max_query_k < 0:
             raise ValueError(f"site policy key 'max-query-k' = {self.max_query_k}: must be >= 0")
 
@@ -192,6 +195,13 @@ def check_training(s: Settings, policy: SitePolicy) -> None:
             "refused: dp",
             f"this site's node config sets max-epsilon={policy.max_epsilon:g}: it trains only "
             f"with record-level DP (dp=record), the run asks dp={s.dp}",
+        )
+    # epsilon is accounted at the run's delta: a larger delta would make it look smaller
+    if policy.max_epsilon > 0 and s.dp_delta > policy.max_delta:
+        raise SiteRefusal(
+            "refused: dp-delta",
+            f"the run's dp-delta={s.dp_delta:g} exceeds this site's max-delta="
+            f"{policy.max_delta:g}: its epsilon budget holds only at a delta this small or smaller",
         )
 
 

@@ -287,6 +287,35 @@ def all_finite(record: ArrayRecord) -> bool:
     return all(np.isfinite(a.numpy()).all() for a in record.values())
 
 
+class EvaluateEvery(StrategyWrapper):
+    """Federated evaluation only after every ``every``-th round and after the last (0: the last
+    only): on the demo a round's evaluation costs 2-4x its training, and a short benchmark or a
+    long run rarely needs every point of the curve. Rounds count from the run's start, so a
+    resumed run keeps the same schedule."""
+
+    def __init__(self, inner: Strategy, every: int, last: int, offset: int) -> None:
+        super().__init__(inner)
+        self.every, self.last, self.offset = every, last, offset
+
+    def _due(self, server_round: int) -> bool:
+        done = server_round + self.offset
+        return done == self.last or (self.every > 0 and done % self.every == 0)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round > 0 and not self._due(server_round):
+            return []
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        if server_round > 0 and not self._due(server_round):
+            return None
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
 class Recording(StrategyWrapper):
     """Log every reply's metrics per client (node) before the inner strategy aggregates them;
     an error reply is recorded by its fixed code only (site.py)."""

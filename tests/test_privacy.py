@@ -150,6 +150,13 @@ def test_a_site_with_a_budget_refuses_a_run_without_record_level_dp():
         check_training(Settings(dp="none"), SitePolicy(max_epsilon=4.0))
     assert info.value.code == "refused: dp"
     check_training(Settings(dp="record"), SitePolicy(max_epsilon=4.0))
+    # a coordinator's larger delta would shrink the epsilon a site compares with its budget
+    with pytest.raises(SiteRefusal) as info:
+        check_training(Settings(dp="record", dp_delta=1e-3), SitePolicy(max_epsilon=4.0))
+    assert info.value.code == "refused: dp-delta"
+    check_training(
+        Settings(dp="record", dp_delta=1e-3), SitePolicy(max_epsilon=4.0, max_delta=1e-3)
+    )
     assert error_code(BudgetExceeded("x")) == "refused: privacy-budget"
 
 

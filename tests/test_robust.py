@@ -145,3 +145,35 @@ def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
     from fedrag_app.finetune.privacy import PrivacyLedger
 
     assert PrivacyLedger(1e-5, entries=[(z, 1.0, 5)]).epsilon() <= 4.0 + 0.01
+
+
+class _Counting(FedAvg):
+    """FedAvg that notes the rounds it was asked to evaluate."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[int] = []
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        self.asked.append(server_round)
+        return ["message"]
+
+    def aggregate_evaluate(self, server_round, replies):
+        return MetricRecord({"round": float(server_round)})
+
+
+@pytest.mark.parametrize(
+    ("every", "offset", "expected"),
+    [(1, 0, [1, 2, 3, 4, 5]), (2, 0, [2, 4, 5]), (0, 0, [5]), (2, 2, [4, 5])],
+)
+def test_evaluation_runs_only_in_the_rounds_due(every, offset, expected):
+    from fedrag_app.strategies import EvaluateEvery
+
+    inner = _Counting()
+    strategy = EvaluateEvery(inner, every, last=5, offset=offset)
+    sent = {}
+    for r in range(1, 6 - offset):
+        sent[r + offset] = list(strategy.configure_evaluate(r, ArrayRecord(), ConfigRecord(), None))
+        assert (strategy.aggregate_evaluate(r, []) is None) == (not sent[r + offset])
+    assert [r + offset for r in inner.asked] == expected
+    assert [r for r, m in sent.items() if m] == expected

@@ -64,7 +64,7 @@ POLICY_VALUES = {
     "allow-federated-query": True, "max-query-k": 10_000, "allow-full-retriever": True,
     "log-path": "/coordinator/log", "site-policy": "/coordinator/policy.toml",
     "store-dir": "/coordinator/stores", "federated-query": True, "partition-id": 1,
-    "num-partitions": 1, "max-epsilon": 1e9,
+    "num-partitions": 1, "max-epsilon": 1e9, "max-delta": 0.5,
 }  # fmt: skip
 
 
