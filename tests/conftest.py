@@ -30,14 +30,17 @@ FACTS = [
 ]
 
 
-def messages_outside_a_run(strategy) -> None:
-    """Flower's strategies build real Messages only inside a run (they need its run id):
-    here ``configure_train`` returns stand-ins that carry the shared RecordDict."""
-    from types import SimpleNamespace
+def inside_a_run(run_id: int = 1) -> None:
+    """Flower builds real Messages only in a process that knows its run (a ServerApp sets it at
+    start): give this test process one, so strategies run unmodified and return real Messages."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
 
-    strategy._construct_messages = lambda record, node_ids, kind: [
-        SimpleNamespace(content=record) for _ in node_ids
-    ]
+    for name, value in (("run_id", run_id), ("node_id", SUPERLINK_NODE_ID), ("task_id", 1)):
+        try:
+            getattr(TaskIdentity, name)  # raises when unset
+        except RuntimeError:
+            setattr(TaskIdentity, name, value)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import messages_outside_a_run
+from conftest import inside_a_run
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -100,9 +100,9 @@ def test_strategies_come_from_flower_and_config(name):
     if name in ("fedadam", "fedyogi", "fedadagrad"):
         assert strategy.eta == 0.3
     if name == "fedprox":
-        strategy._construct_messages = lambda record, node_ids, kind: [record]  # no Flower run here
-        record = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())[0]
-        assert record["config"]["proximal-mu"] == 0.1
+        inside_a_run()
+        msg = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid()))[0]
+        assert msg.content["config"]["proximal-mu"] == 0.1
 
 
 class _Grid:
@@ -119,7 +119,7 @@ def test_clients_train_with_the_lr_scaled_by_the_number_sampled(scale, fraction,
 
     s = Settings(client_lr_scale=scale, fraction_train=fraction, gen_lr=1e-3, ret_lr=2e-5)
     strategy = make_strategy(s)
-    messages_outside_a_run(strategy)
+    inside_a_run()
     strategy = ClientLrScaling(strategy, s)
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())
     assert len(messages) == (3 if fraction == 1.0 else 2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import messages_outside_a_run
+from conftest import inside_a_run
 from safetensors.torch import load, load_file
 
 from fedrag_app.centralized import MARKER, OutputExists, run_centralized
@@ -138,7 +138,7 @@ def test_the_lr_factor_is_capped():
 
     s = Settings(min_nodes=20, gen_lr=1e-3, ret_lr=1e-3)
     strategy = make_strategy(s)
-    messages_outside_a_run(strategy)
+    inside_a_run()
     strategy = ClientLrScaling(strategy, s)
     messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
     assert len(messages) == 20
@@ -237,7 +237,7 @@ def _fedadam_rounds(wire: str, rounds: int = 3) -> np.ndarray:
             return [1, 2]
 
     strategy = Float32Global(make_strategy(Settings(strategy="fedadam", eta=1e-3)))
-    messages_outside_a_run(strategy.inner)
+    inside_a_run()
     w = np.array([0.9, 0.9, 0.9, 0.5], dtype=np.float32)
     global_ = ArrayRecord({"gen.w": Array(w)})
     for rnd in range(1, rounds + 1):

@@ -93,7 +93,7 @@ def _update_reply(node: int, values: np.ndarray) -> Message:
 
 
 def test_client_level_dp_clips_each_site_adds_the_noise_and_accounts_epsilon():
-    from conftest import messages_outside_a_run
+    from conftest import inside_a_run
     from flwr.serverapp import (
         GaussianPrivacyEvent,
         NeighboringRelation,
@@ -108,7 +108,7 @@ def test_client_level_dp_clips_each_site_adds_the_noise_and_accounts_epsilon():
                  num_server_rounds=3, dp_delta=1e-5)  # fmt: skip
     strategy = make_strategy(s)
     assert isinstance(strategy, ClientLevelDp)
-    messages_outside_a_run(strategy.fedavg)
+    inside_a_run()
     size = 40_000
     current = ArrayRecord({"gen.w": Array(np.zeros(size, dtype=np.float32))})
     eps = []
@@ -134,11 +134,11 @@ def test_client_level_dp_clips_each_site_adds_the_noise_and_accounts_epsilon():
 
 
 def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
-    from conftest import messages_outside_a_run
+    from conftest import inside_a_run
 
     s = Settings(dp="client", dp_epsilon=4.0, num_server_rounds=5, min_nodes=2)
     strategy = make_strategy(s)
-    messages_outside_a_run(strategy.fedavg)
+    inside_a_run()
     strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(3))
     z = strategy.wrapped.noise_multiplier
     assert z > 1.0  # a Gaussian release per round: 5 of them within epsilon 4
