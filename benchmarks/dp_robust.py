@@ -125,7 +125,10 @@ def same_run_elsewhere(name: str, args, out: Path) -> dict | None:
     if name != "no DP" or args.config or not other.exists():
         return None
     rows = [json.loads(line) for line in other.read_text().splitlines()]
-    return next((r for r in rows if r["row"] == "fedavg clean" and r["status"] == "finished:completed"), None)
+    return next(
+        (r for r in rows if r["row"] == "fedavg clean" and r["status"] == "finished:completed"),
+        None,
+    )
 
 
 def main() -> None:
