@@ -165,13 +165,10 @@ def main() -> None:
             cfg = {**cfg, "evaluate-every": base["num-server-rounds"]}
         reused = same_run_elsewhere(name, args, out)
         if reused:
-            row = {**reused, "row": name, "note": "the same run as the poisoning table's"}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            continue
-        row = run_row(name.replace(" ", "_").replace("=", ""), {**base, **cfg}, env,
-                      args.clients, app, work)  # fmt: skip
+            row = {**reused, "note": "the same run as the poisoning table's"}
+        else:
+            row = run_row(name.replace(" ", "_").replace("=", ""), {**base, **cfg}, env,
+                          args.clients, app, work)  # fmt: skip
         row["row"] = name
         print(json.dumps(row), flush=True)
         with out.open("a") as f:

@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if run.start_round == 0:
         run.save_arrays("initial.npz", initial)
-    if run.start_round == 0 and s.fraction_evaluate > 0 and s.evaluate_every > 0:  # base, round 0
+    if run.start_round == 0 and s.fraction_evaluate > 0:  # the base system, as round 0
         replies = grid.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(dict(base)), grid),
             timeout=s.round_timeout,

@@ -289,9 +289,9 @@ def all_finite(record: ArrayRecord) -> bool:
 
 class EvaluateEvery(StrategyWrapper):
     """Federated evaluation only after every ``every``-th round and after the last (0: the last
-    only): on the demo a round's evaluation costs 2-4x its training, and a short benchmark or a
-    long run rarely needs every point of the curve. Rounds count from the run's start, so a
-    resumed run keeps the same schedule."""
+    only, without the round-0 base): on the demo a round's evaluation costs 2-4x its training,
+    and a short benchmark or a long run rarely needs every point of the curve. Rounds count
+    from the run's start, so a resumed run keeps the same schedule."""
 
     def __init__(self, inner: Strategy, every: int, last: int, offset: int) -> None:
         super().__init__(inner)
@@ -299,19 +299,19 @@ class EvaluateEvery(StrategyWrapper):
 
     def _due(self, server_round: int) -> bool:
         done = server_round + self.offset
-        return done == self.last or (self.every > 0 and done % self.every == 0)
+        return (done == self.last and done > 0) or (self.every > 0 and done % self.every == 0)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if server_round > 0 and not self._due(server_round):
+        if not self._due(server_round):
             return []
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        if server_round > 0 and not self._due(server_round):
+        if not self._due(server_round):
             return None
         return self.inner.aggregate_evaluate(server_round, replies)
 

@@ -30,13 +30,13 @@ FACTS = [
 ]
 
 
-def inside_a_run(run_id: int = 1) -> None:
+def inside_a_run() -> None:
     """Flower builds real Messages only in a process that knows its run (a ServerApp sets it at
     start): give this test process one, so strategies run unmodified and return real Messages."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    for name, value in (("run_id", run_id), ("node_id", SUPERLINK_NODE_ID), ("task_id", 1)):
+    for name, value in (("run_id", 1), ("node_id", SUPERLINK_NODE_ID), ("task_id", 1)):
         try:
             getattr(TaskIdentity, name)  # raises when unset
         except RuntimeError:
