@@ -40,5 +40,5 @@ bench: setup
 compare: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/compare.py $(ARGS)
 
-clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+clean:  # the environment and caches only: runs in outputs/ are results, delete them yourself
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,6 +13,13 @@ if [ $# -lt 2 ]; then
 fi
 out=$1; shift
 ca_dir=${CA_KEY_DIR:-${out%/}.ca-private}
+for f in "$out/ca.crt" "$out/server.pem" "$out/server.key" "$ca_dir/ca.key"; do
+  if [ -e "$f" ]; then
+    # SuperNodes trust the CA already handed out: replacing it silently would lock them out
+    echo "$f exists: refusing to replace it (move the old certificates away first)" >&2
+    exit 1
+  fi
+done
 mkdir -p "$out"
 (umask 077; mkdir -p "$ca_dir")
 san=""

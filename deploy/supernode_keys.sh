@@ -9,6 +9,10 @@ if [ $# -ne 2 ]; then
   exit 2
 fi
 mkdir -p "$1"
-rm -f "$1/$2" "$1/$2.pub"
+# a key that exists may already be registered with a SuperLink: never replace it silently
+if [ -e "$1/$2" ] || [ -e "$1/$2.pub" ]; then
+  echo "$1/$2 or $1/$2.pub exists: refusing to replace it (delete it yourself to make a new one)" >&2
+  exit 1
+fi
 ssh-keygen -q -t ecdsa -b 384 -N "" -C "$2" -f "$1/$2"
 echo "private: $1/$2  public: $1/$2.pub"

@@ -78,16 +78,18 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from fedrag_app.rag.system import RAGSystem
-    from fedrag_app.task import build_generator, build_retriever, open_store
+    from fedrag_app.task import build_generator, build_retriever, open_store, warn_cut
 
     s = _settings(args)
     clients = resolve_clients(args.data)  # bad folders fail before any model loads
     retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
     for client in clients:
+        cut_before = generator.contexts_cut
         with open_store(client, s, retriever, progress=not args.quiet) as store:
             answer = RAGSystem(retriever, generator, store, s.top_k).answer(
                 [args.question], s.max_new_tokens
             )[0]
+        warn_cut(generator, cut_before, f"query at {client.name}")
         print(f"[{client.name}] answer: {answer.text}")
         for rank, hit in enumerate(answer.sources, start=1):
             print(f"  {rank}. ({hit.score:.3f}) {hit.doc_id}: {hit.text[:160]}")
@@ -151,6 +153,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         title_column=args.title_column,
         partitioner=args.partitioner,
         partition_by=args.partition_by,
+        overwrite=args.overwrite,
     )
     print("\n".join(str(f) for f in folders))
     return 0
@@ -228,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title-column", default="")
     p.add_argument("--partitioner", default="iid", choices=["iid", "dirichlet"])
     p.add_argument("--partition-by", default="")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("split", help="per-client data -> N non-IID sites (flwr-datasets)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,18 @@ from pathlib import Path
 from fedrag_app.simulation import APP_DIR, free_port, latest_run, toml_value
 
 DEPLOY = APP_DIR / "deploy"
+MARKER = ".fedrag-deploy-local"  # marks a workdir this command made, so a re-run may reuse it
+
+
+def _claim(workdir: Path) -> None:
+    """Use ``workdir`` only if it is new, empty or a previous deploy-local's: its certs, keys and
+    SuperLink database are replaced on every run, so nothing else may live there."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise SystemExit(
+            f"--workdir {workdir}: not empty and not a previous deploy-local ({MARKER}); refusing"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).touch()
 CONNECTION = "local-tls"
 
 
@@ -167,8 +180,14 @@ def deploy_local(
     Site ``site-i`` serves ``data_folders[i]``; ``site_options["site-i"]`` adds to its node
     config (its site policy, e.g. ``{"allow-federated-query": True}``).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
+    _claim(workdir)
     certs, keys, logs, home = (workdir / d for d in ("certs", "keys", "logs", "flwr-home"))
+    # a loopback run's throwaway identities, made fresh each time (certs.sh and
+    # supernode_keys.sh refuse to replace what exists; a real site's keys are never here)
+    for d in (certs, keys):
+        if d.is_dir():
+            shutil.rmtree(d)
+    (workdir / "superlink.db").unlink(missing_ok=True)
     for d in (logs, home):
         d.mkdir(exist_ok=True)
     env = _env(home)

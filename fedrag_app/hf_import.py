@@ -10,6 +10,7 @@ supporting document lives at its own site; otherwise a separate corpus data set 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
+from fedrag_app.atomic import atomic_text, check_data_root, publish_data_root
 from fedrag_app.data import DataError, write_jsonl
+
+MARKER = "import.json"  # marks a data root this command wrote, so --overwrite may replace it
 
 
 def make_partitioner(
@@ -108,25 +112,30 @@ def import_hf(
     qa_files: Any = None,
     corpus_files: Any = None,
     context_column: str = "",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write ``out/client-<i>/{corpus,train,eval}.jsonl``; returns the client folders.
 
     With ``context_column`` the corpus comes from the QA rows' own contexts (no corpus data set
-    needed); without it, from ``corpus_dataset``.
+    needed); without it, from ``corpus_dataset``. ``out`` must be new, empty or (with
+    ``overwrite``) a previous import, which is replaced whole once the new one is complete.
     """
     if not context_column and not corpus_dataset:
         raise DataError(
             "give a corpus data set (--corpus-dataset) or the QA set's --context-column"
         )
+    try:
+        check_data_root(out, MARKER, "client-", overwrite, "import")  # refuse before downloading
+    except ValueError as err:
+        raise DataError(str(err)) from None
     qa_parts = _partitions(qa_dataset, qa_split, num_clients, partitioner, partition_by, qa_files)
     corpus_parts = (
         [[] for _ in qa_parts]
         if context_column
         else _partitions(corpus_dataset, corpus_split, num_clients, "iid", "", corpus_files)
     )
-    folders = []
+    clients = []
     for i, (qa_rows, corpus_rows) in enumerate(zip(qa_parts, corpus_parts, strict=True)):
-        folder = out / f"client-{i}"
         corpus = []
         for j, row in enumerate(corpus_rows):
             text = str(_column(row, text_column, f"{corpus_dataset}[{j}]"))
@@ -148,8 +157,22 @@ def import_hf(
         n_eval = max(1, int(len(qa) * eval_fraction))
         if len(qa) < 2 or not corpus:
             raise DataError(f"client {i}: too few rows after partitioning ({len(qa)} QA)")
-        write_jsonl(folder / "corpus.jsonl", corpus)
-        write_jsonl(folder / "train.jsonl", qa[n_eval:])
-        write_jsonl(folder / "eval.jsonl", qa[:n_eval])
-        folders.append(folder)
-    return folders
+        clients.append((corpus, qa[n_eval:], qa[:n_eval]))
+
+    def build(tmp: Path) -> None:
+        for i, (corpus, train, evaluation) in enumerate(clients):
+            write_jsonl(tmp / f"client-{i}" / "corpus.jsonl", corpus)
+            write_jsonl(tmp / f"client-{i}" / "train.jsonl", train)
+            write_jsonl(tmp / f"client-{i}" / "eval.jsonl", evaluation)
+        source = {
+            "qa-dataset": qa_dataset,
+            "corpus-dataset": corpus_dataset,
+            "clients": len(clients),
+        }
+        atomic_text(tmp / MARKER, json.dumps(source, indent=2) + "\n")
+
+    try:
+        publish_data_root(out, build, MARKER, "client-", overwrite, "import")
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return [out / f"client-{i}" for i in range(len(clients))]

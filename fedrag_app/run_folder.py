@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedrag_app.atomic import atomic_write, fsync_dir, fsync_tree
+from fedrag_app.atomic import atomic_text, atomic_write, fsync_dir, fsync_tree
 from fedrag_app.history import History
 
 SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
@@ -73,8 +73,8 @@ class RunFolder:
             _savez(f, arrays)
         export(tmp)
         self.history.save(tmp)
-        (tmp / "round.json").write_text(json.dumps({"round": server_round}))  # last: complete
-        fsync_tree(tmp)
+        fsync_tree(tmp)  # everything durable before the flag that says it is complete
+        atomic_text(tmp / "round.json", json.dumps({"round": server_round}))
         shutil.rmtree(old, ignore_errors=True)
         if current.exists():
             current.rename(old)
@@ -82,6 +82,20 @@ class RunFolder:
         fsync_dir(self.path)
         shutil.rmtree(old, ignore_errors=True)
         self.history.save(self.path)
+
+
+    def save_final(self, arrays: ArrayRecord, export) -> Path:
+        """Write ``final/`` aside and rename it in: ``final/`` exists only when complete."""
+        final, tmp = self.path / "final", self.path / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        export(tmp, arrays)
+        fsync_tree(tmp)
+        if final.exists():  # a resumed run that had finished before: replace its own final/
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(self.path)
+        return final
 
 
 def _savez(f, arrays: ArrayRecord) -> None:

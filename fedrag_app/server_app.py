@@ -94,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=checkpoint,
     )
     final = result.arrays or initial
-    export(run.path / "final", final)
+    run.save_final(final, export)
     run.history.save(run.path)
     _summary(run, time.perf_counter() - start)
 
@@ -104,9 +104,11 @@ def main(grid: Grid, context: Context) -> None:
         contexts = federated_retrieve(
             grid, s.query_question, s.top_k, final, str(base["base-fingerprint"]), s.round_timeout
         )
+        cut_before = generator.contexts_cut
         answer = generator.generate(
             [generator.prompt(s.query_question, contexts)], s.max_new_tokens
         )
+        task.warn_cut(generator, cut_before, "federated query")
         print(f"federated query: {s.query_question!r} -> {answer[0]!r}")
 
 

@@ -61,6 +61,12 @@ class SitePolicy:
                 f"site policy key 'store-mode' = {self.store_mode!r}: expected embedded, "
                 "memory or server"
             )
+        if (self.store_mode == "server" or self.qdrant_url) and not self.site_id:
+            raise ValueError(
+                "site policy key 'site-id' is required with a Qdrant server (store-mode=server or "
+                "qdrant-url): stores are named by it, and sites sharing a server would otherwise "
+                "share one name (their data folders' name, '/data' in the compose file)"
+            )
         if self.max_epsilon < 0:
             raise ValueError(f"site policy key 'max-epsilon' = {self.max_epsilon}: must be >= 0")
         if not 0 < self.max_delta < 1:

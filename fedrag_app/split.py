@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrag_app.atomic import atomic_text, fsync_dir, fsync_tree
+from fedrag_app.atomic import atomic_text, check_data_root, publish_data_root
 from fedrag_app.data import ClientData, DataError, read_jsonl, write_jsonl
 from fedrag_app.hf_import import make_partitioner
 
@@ -190,30 +188,10 @@ def partition(
 
 
 def _check_out(out: Path, overwrite: bool) -> bool:
-    """True when ``out`` holds a previous split to replace; refuses anything else non-empty."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-    entries = sorted(out.iterdir())
-    if not entries:
-        return False
-    if not (out / MARKER).is_file():
-        raise DataError(f"--out {out}: not empty and not a previous split ({MARKER}); refusing")
-    if not overwrite:
-        raise DataError(f"--out {out}: holds a previous split; pass --overwrite to replace it")
-    files = {"corpus.jsonl", "train.jsonl", "eval.jsonl"}
-    foreign = [
-        e.name
-        for e in entries
-        if e.name != MARKER
-        and not (
-            e.is_dir() and e.name.startswith("site-") and {f.name for f in e.iterdir()} <= files
-        )
-    ]
-    if foreign:
-        raise DataError(f"--out {out}: holds files a split did not write {foreign[:5]}; refusing")
-    return True
+    try:
+        return check_data_root(out, MARKER, "site-", overwrite, "split")
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def split(
@@ -255,10 +233,8 @@ def split(
         "pooled": dict(sorted(Counter(data.labels).items())),
         "sites": [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a data root is an ordinary folder
-    try:
+
+    def build(tmp: Path) -> None:
         for k, docs in enumerate(sites):
             name = f"site-{k:02d}"
             write_jsonl(tmp / name / "corpus.jsonl", [data.docs[i] for i in docs])
@@ -273,19 +249,11 @@ def split(
                 }
             )
         atomic_text(tmp / MARKER, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        fsync_tree(tmp)
-        if _check_out(out, overwrite):  # again: nothing may have appeared meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "split")
-            tmp.rename(out)
-            fsync_dir(out.parent)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(out)  # an empty folder or nothing: replaced in one rename
-            fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    try:
+        publish_data_root(out, build, MARKER, "site-", overwrite, "split")
+    except ValueError as err:
+        raise DataError(str(err)) from None
     return summary
 
 

@@ -59,7 +59,7 @@ def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator
     )
 
 
-def _warn_cut(generator: Generator, before: int, what: str) -> None:
+def warn_cut(generator: Generator, before: int, what: str) -> None:
     """Retrieval and recall@k see whole chunks; the prompt sees at most max-context-chars."""
     cut = generator.contexts_cut - before
     if cut:
@@ -134,7 +134,7 @@ def evaluate_local(
                 system, qa, s.max_new_tokens, progress=progress, desc=f"eval {client.name}"
             )
     overall = summarize([r for rs in records.values() for r in rs], s.top_k)
-    _warn_cut(generator, cut_before, "evaluation")
+    warn_cut(generator, cut_before, "evaluation")
     return {"overall": overall, "clients": per_client}, records
 
 
@@ -246,7 +246,7 @@ def train_local(
     # examples longer than max-seq-len are left out and counted, never a failed round
     metrics["skipped-examples"] = float(skipped)
     metrics["contexts-cut"] = float(generator.contexts_cut - cut_before)
-    _warn_cut(generator, cut_before, "training")
+    warn_cut(generator, cut_before, "training")
     if skipped:
         log.warning(
             "%d training examples do not fit max-seq-len %d: skipped", skipped, s.max_seq_len

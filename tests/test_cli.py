@@ -69,6 +69,15 @@ def test_query_prints_answer_and_sources(tiny_settings, toy_root, capsys):
     assert "[client-a] answer:" in out and "  1. (" in out and "  2. (" in out
 
 
+def test_query_warns_when_contexts_are_cut(tiny_settings, toy_root, caplog):
+    args = ["query", "--data", str(toy_root / "client-a"), "What does TCP stand for?"]
+    with caplog.at_level("WARNING", logger="fedrag_app.task"):
+        assert main([*args, *_model_args(tiny_settings), "-c", "max-context-chars=10"]) == 0
+    assert "query at client-a: 2 retrieved contexts were longer than max-context-chars=10" in (
+        caplog.text
+    )
+
+
 def test_bad_data_and_bad_keys_are_reported_not_raised(tiny_settings, tmp_path, capsys):
     (tmp_path / "corpus.jsonl").write_text('{"id": "1", "text": "x"}\n{"id": 2, "text": }\n')
     assert main(["index", "--data", str(tmp_path), *_model_args(tiny_settings)]) == 2

@@ -143,3 +143,17 @@ def test_hf_import_of_a_squad_shaped_set_uses_nested_answers_and_its_own_context
             i = int(p.answers[0].split("-")[1])
             assert f"Passage {i % 5} says fact {i} is value-{i}." in texts
         assert len(texts) == len(client.corpus())
+    # a second import never writes over what it did not write, nor over itself unasked
+    common = ["--answer-column", "answers.text", "--context-column", "context"]
+    assert main([*base, "--out", str(tmp_path / "root"), *common]) == 2
+    assert "holds a previous import; pass --overwrite" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([*base, "--out", str(mine), *common]) == 2
+    assert "not empty and not a previous import" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    base2 = ["import-hf", "--clients", "2", "--qa-dataset", "json", "--qa-files", str(squad)]
+    assert main([*base2, "--out", str(tmp_path / "root"), *common, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == [
+        "client-0", "client-1", "import.json"]  # fmt: skip

@@ -4,6 +4,7 @@ SuperNodes with their own data and stores, 1 unregistered SuperNode (slow: ~2 mi
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,31 @@ def test_the_image_installs_the_versions_the_tests_ran_with():
         assert pins[pkg] == version(pkg).split("+")[0], pkg
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "-c deploy/constraints.txt" in dockerfile and "\nUSER fedrag" in dockerfile
+
+
+def test_key_and_certificate_scripts_never_replace_what_exists(tmp_path):
+    """A site's registered key or the CA every SuperNode trusts must not be replaced silently."""
+    keys = tmp_path / "keys"
+    subprocess.run(["bash", str(DEPLOY / "supernode_keys.sh"), str(keys), "site"], check=True)
+    key = (keys / "site").read_bytes()
+    again = subprocess.run(["bash", str(DEPLOY / "supernode_keys.sh"), str(keys), "site"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 1 and "refusing" in again.stderr
+    assert (keys / "site").read_bytes() == key
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(DEPLOY / "certs.sh"), str(certs), "127.0.0.1"], check=True)
+    ca = (certs / "ca.crt").read_bytes()
+    again = subprocess.run(["bash", str(DEPLOY / "certs.sh"), str(certs), "127.0.0.1"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 1 and "refusing" in again.stderr
+    assert (certs / "ca.crt").read_bytes() == ca
+
+
+def test_deploy_local_refuses_a_workdir_it_did_not_make(tmp_path):
+    from fedrag_app.deploy_local import _claim
+
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not a previous deploy-local"):
+        _claim(tmp_path)
+    _claim(tmp_path / "new")
+    _claim(tmp_path / "new")  # its own: reused

@@ -213,14 +213,35 @@ def test_a_crash_at_any_step_of_the_checkpoint_swap_resumes_from_the_newest_comp
 
     resumed = RunFolder.create(str(tmp_path), resume="last")
     assert resumed.path == run.path  # not the older run, whatever state the swap was in
-    # complete in checkpoint.tmp from round.json on (a process crash loses no written page)
-    done = {"export": 1, "fsync": 2, "rename-current": 2, "rename-tmp": 2, "cleanup": 2}
+    # complete in checkpoint.tmp from round.json on, which is written only once the rest is
+    # durable (fsynced): a power loss cannot leave a "complete" flag over arrays never on disk
+    done = {"export": 1, "fsync": 1, "rename-current": 2, "rename-tmp": 2, "cleanup": 2}
     assert resumed.start_round == done[crash_at]
     assert resumed.checkpoint_arrays()["gen.w"].numpy()[0] == float(done[crash_at])
     assert [p.name for p in run.path.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
     # and the next checkpoint goes through
     resumed.save_checkpoint(3, arrays(3.0), lambda folder: None)
     assert RunFolder.create(str(tmp_path), resume="last").start_round == 3
+
+
+def test_final_exists_only_when_complete(tmp_path):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedrag_app.run_folder import RunFolder
+
+    run = RunFolder.create(str(tmp_path))
+    arrays = ArrayRecord({"gen.w": Array(np.ones(3, dtype=np.float32))})
+
+    def half_written(folder, arrays):
+        (folder / "adapter").mkdir()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        run.save_final(arrays, half_written)
+    assert not (run.path / "final").exists()
+    final = run.save_final(arrays, lambda folder, arrays: (folder / "adapter").mkdir())
+    assert (final / "adapter").is_dir() and not (run.path / "final.tmp").exists()
 
 
 def _fedadam_rounds(wire: str, rounds: int = 3) -> np.ndarray:

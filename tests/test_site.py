@@ -92,7 +92,7 @@ def test_the_node_config_and_policy_file_decide_with_per_site_tables(tmp_path, m
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(
         'store-path = "/all"\nallow-federated-query = true\n\n'
-        '[sites.client-a]\nmax-query-k = 2\nqdrant-url = "http://q.a:6333"\n'
+        '[sites.client-a]\nmax-query-k = 2\nqdrant-url = "http://q.a:6333"\nsite-id = "a"\n'
     )
     p = site.load_policy({"site-policy": str(policy_file)}, "client-a")
     assert (p.store_path, p.allow_federated_query, p.max_query_k) == ("/all", True, 2)
@@ -105,6 +105,8 @@ def test_the_node_config_and_policy_file_decide_with_per_site_tables(tmp_path, m
     default = site.load_policy({}, "client-a")
     assert not default.allow_federated_query and not default.allow_full_retriever
     assert default.store_mode == "embedded"
+    with pytest.raises(ValueError, match="'site-id' is required with a Qdrant server"):
+        site.load_policy({"qdrant-url": "http://q.b:6333"}, "client-b")  # would be named 'data'
     typo = tmp_path / "typo.toml"
     typo.write_text("allow-everything = true\n")
     with pytest.raises(ValueError, match="typo.toml: unknown site policy key 'allow-everything'"):

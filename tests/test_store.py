@@ -174,3 +174,56 @@ def test_an_interrupted_builder_does_not_destroy_another_builders_points(tiny_se
 
     assert a.build("fp", chunks, embed_a, retriever.dim, batch_size=2, progress=False)
     assert a.is_current("fp") and a.count() == 6  # every chunk, none lost to B
+
+
+def _crashed_build(server, name: str, started: float, dim: int) -> str:
+    """What a builder killed mid-build leaves behind: an unpublished, half-filled collection."""
+    from qdrant_client import models
+
+    collection = f"{name}--fp--{int(started):x}-deadbeef"
+    server.create_collection(
+        collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+    )
+    server.upsert(collection, points=[models.PointStruct(id=1, vector=[1.0] * dim)])
+    return collection
+
+
+def test_a_crashed_build_in_an_embedded_folder_is_deleted_by_the_next_build(
+    tiny_settings, toy_root, tmp_path
+):
+    """One process at a time opens an embedded folder, so any unpublished build is dead."""
+    import time
+
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever = build_retriever(tiny_settings)
+    with KnowledgeStore.open("site-a", "embedded", tmp_path) as store:
+        crashed = _crashed_build(store.client, "site-a", time.time(), retriever.dim)
+        other_site = _crashed_build(store.client, "site-a--b", time.time(), retriever.dim)
+        assert store.build("fp", lambda: chunk_documents(client.corpus(), retriever.tokenizer,
+                           32, 4), retriever.encode_contexts, retriever.dim, progress=False)  # fmt: skip
+        names = {c.name for c in store.client.get_collections().collections}
+        assert crashed not in names and other_site in names and len(names) == 2
+        assert store.count() == 6
+
+
+def test_on_a_server_only_stale_crashed_builds_are_deleted(tiny_settings, toy_root):
+    """On a shared server a fresh unpublished build may be another process's live one."""
+    import time
+
+    from qdrant_client import QdrantClient
+
+    from fedrag_app.rag.store import STALE_BUILD_SECONDS
+
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever = build_retriever(tiny_settings)
+    server = QdrantClient(location=":memory:")
+    now = time.time()
+    stale = _crashed_build(server, "site-a", now - STALE_BUILD_SECONDS - 60, retriever.dim)
+    live = _crashed_build(server, "site-a", now - 60, retriever.dim)
+    store = KnowledgeStore(server, "site-a")  # exclusive=False: a server's store
+    assert store.build("fp2", lambda: chunk_documents(client.corpus(), retriever.tokenizer,
+                       32, 4), retriever.encode_contexts, retriever.dim, progress=False)  # fmt: skip
+    names = {c.name for c in server.get_collections().collections}
+    assert stale not in names and live in names and len(names) == 2
+    # the next check of an up-to-date store prunes too, without rebuilding
+    assert store.build("fp2", lambda: [], retriever.encode_contexts, retriever.dim) is False

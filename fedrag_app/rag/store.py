@@ -7,7 +7,10 @@ complete: the next run sees no alias (or the old one) and rebuilds. Two processe
 same store on one Qdrant server each write their own collection and never delete the other's;
 the second to finish sees the first's build of the same fingerprint published and drops its
 own. ``<name>`` is the site's id (its policy's ``site-id``), so sites sharing a server do not
-collide. Stores hold context-encoder embeddings, which never change during
+collide. A builder that crashed leaves an unpublished collection behind; it is deleted by the
+next build or check of that store: at once in an embedded folder (one process at a time, so no
+builder can still be running), on a server only once its build id (which starts with the build's
+start time) is older than ``STALE_BUILD_SECONDS``, so a live builder elsewhere is never touched. Stores hold context-encoder embeddings, which never change during
 fine-tuning (only the query encoder trains), so they are never re-indexed after training.
 """
 
@@ -17,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from fedrag_app.rag.chunking import Chunk
 
 log = logging.getLogger(__name__)
 SCHEMA = 2  # 2: UUID point ids (a store of schema 1 is rebuilt)
+STALE_BUILD_SECONDS = 24 * 3600  # on a server, an unpublished build this old is a crashed one
 
 
 @dataclass
@@ -57,9 +63,11 @@ def default_store_dir() -> Path:
 class KnowledgeStore:
     """One client's collection; use as a context manager so embedded folders are unlocked."""
 
-    def __init__(self, client: QdrantClient, name: str) -> None:
+    def __init__(self, client: QdrantClient, name: str, exclusive: bool = False) -> None:
         self.client = client
         self.name = name
+        # exclusive: no other process can reach this Qdrant (embedded folder, memory)
+        self.exclusive = exclusive
 
     @classmethod
     def open(
@@ -92,7 +100,7 @@ class KnowledgeStore:
             client = QdrantClient(url=url, api_key=os.environ.get(api_key_env) or None)
         else:
             raise ValueError(f"unknown store mode {mode!r}: expected embedded, memory or server")
-        return cls(client, name)
+        return cls(client, name, exclusive=mode != "server")
 
     def __enter__(self) -> KnowledgeStore:
         return self
@@ -124,9 +132,11 @@ class KnowledgeStore:
     ) -> bool:
         """Index unless the alias already points at a complete build of ``fp``; True if built."""
         if self.is_current(fp):
+            self.prune_crashed_builds()
             return False
-        # this build's own collection: no other builder writes or deletes it
-        collection = f"{self.name}--{fp}--{uuid.uuid4().hex[:8]}"
+        # this build's own collection: no other builder writes or deletes it; the id starts with
+        # the start time, so a crashed build can be told from a live one on a shared server
+        collection = f"{self.name}--{fp}--{int(time.time()):x}-{uuid.uuid4().hex[:8]}"
         self.client.create_collection(
             collection,
             vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
@@ -154,8 +164,12 @@ class KnowledgeStore:
         bar.close()
         if self.is_current(fp):  # another process published the same build meanwhile: use it
             self.client.delete_collection(collection)
+            self.prune_crashed_builds()
             return False
         old = self._target()
+        # One atomic alias change. Qdrant's CreateAlias replaces an existing alias, so if another
+        # builder publishes between these lines the alias ends on this build and the other's
+        # collection is left unpublished: still complete, never half-read, and pruned as stale.
         ops: list = (
             []
             if old is None
@@ -172,7 +186,22 @@ class KnowledgeStore:
         if old and old != collection:
             self.client.delete_collection(old)
         log.info("indexed %d chunks into %s", len(chunks), collection)
+        self.prune_crashed_builds()
         return True
+
+    def prune_crashed_builds(self) -> list[str]:
+        """Delete this store's unpublished builds that no live builder can own; their names."""
+        target, now, pruned = self._target(), time.time(), []
+        for c in self.client.get_collections().collections:
+            started = _build_start(self.name, c.name)
+            if c.name == target or started is None:
+                continue  # published, or not a build of this store (another site's, say)
+            if self.exclusive or now - started > STALE_BUILD_SECONDS:
+                self.client.delete_collection(c.name)
+                pruned.append(c.name)
+        if pruned:
+            log.warning("deleted %d unfinished builds of store %s", len(pruned), self.name)
+        return pruned
 
     def count(self) -> int:
         return self.client.count(self.name).count
@@ -202,3 +231,20 @@ class KnowledgeStore:
             ]
             for r in responses
         ]
+
+
+def _build_start(name: str, collection: str) -> float | None:
+    """Start time of a build collection of store ``name``; None if it is not one.
+
+    Builds named before start times were recorded (8 hex digits) count as started at 0.
+    """
+    if not collection.startswith(f"{name}--"):
+        return None
+    parts = collection[len(name) + 2 :].split("--")
+    if len(parts) != 2 or not parts[0]:
+        return None  # e.g. store "a" must not prune store "a--b"'s collections
+    build = parts[1]
+    if re.fullmatch(r"[0-9a-f]{8}", build):
+        return 0.0
+    m = re.fullmatch(r"([0-9a-f]+)-[0-9a-f]{8}", build)
+    return float(int(m.group(1), 16)) if m else None
