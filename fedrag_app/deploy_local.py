@@ -35,6 +35,8 @@ def _claim(workdir: Path) -> None:
         )
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).touch()
+
+
 CONNECTION = "local-tls"
 
 

@@ -83,7 +83,6 @@ class RunFolder:
         shutil.rmtree(old, ignore_errors=True)
         self.history.save(self.path)
 
-
     def save_final(self, arrays: ArrayRecord, export) -> Path:
         """Write ``final/`` aside and rename it in: ``final/`` exists only when complete."""
         final, tmp = self.path / "final", self.path / "final.tmp"
