@@ -1,4 +1,4 @@
-"""`fedrag` command: index, query, eval, train --centralized, compare, import-hf, split."""
+"""`fedrag` command: index, query, eval, train --centralized, import-hf, split, export, report."""
 
 from __future__ import annotations
 
@@ -177,6 +177,22 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedrag_app.export import export
+
+    overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
+    out = export(args.run, args.out, overwrite=args.overwrite, **overrides)
+    print(f"wrote {out}: generator/ (LoRA merged), retriever/, context-encoder.json, README.md")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedrag_app.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a new data root (or a previous split)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous split in --out")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("export", help="a run -> merged generator, query encoder, model card")
+    p.add_argument("run", help="a federated run folder (outputs/run-*) or a train --out folder")
+    p.add_argument("--out", required=True, help="a new folder (or a previous export)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="a run -> one self-contained HTML page")
+    p.add_argument("run", help="a federated run folder (outputs/run-*)")
+    p.add_argument("--out", help="the HTML file (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -264,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (DataError, ValueError, KeyError, RuntimeError) as err:
+    except (DataError, ValueError, KeyError, RuntimeError, OSError) as err:
         if os.environ.get("FEDRAG_DEBUG"):
             raise
         print(

@@ -55,6 +55,14 @@ class History:
         return [p[0] for p in points], [p[1] for p in points]
 
     def plot(self, path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        atomic_write(path, lambda f: fig.savefig(f, dpi=80, format="png"))
+        plt.close(fig)
+
+    def figure(self):
+        """Every plotted metric per round: one line per client, the aggregate solid."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -95,5 +103,4 @@ class History:
             if ax.lines:
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        atomic_write(path, lambda f: fig.savefig(f, dpi=80, format="png"))
-        plt.close(fig)
+        return fig

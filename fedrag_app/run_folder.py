@@ -47,6 +47,10 @@ class RunFolder:
         path.mkdir(parents=True)
         return cls(path, History())
 
+    def save_config(self, config: dict) -> None:
+        """The run's settings, so export, report and the bridges rebuild what it trained."""
+        atomic_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
+
     def save_arrays(self, name: str, arrays: ArrayRecord) -> None:
         atomic_write(self.path / name, lambda f: _savez(f, arrays))
 

@@ -41,6 +41,7 @@ def exporter(s: Settings, retriever, generator):
 def main(grid: Grid, context: Context) -> None:
     s = settings_from(context.run_config)
     run = RunFolder.create(s.output_dir, s.resume)
+    run.save_config(s.to_config())
     seed_everything(s.seed)  # identical initial LoRA weights for identical seeds
     retriever, generator = task.load_models(s)
     # the global model is float32 always; wire-dtype=float16 encodes only the clients' updates

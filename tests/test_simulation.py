@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedrag_app.cli import main as cli_main
 from fedrag_app.config import Settings
 from fedrag_app.simulation import run_simulation
 from fedrag_app.site import CODES
@@ -133,6 +134,19 @@ def test_flwr_run_two_rounds_then_resume_and_no_canary_leaves_its_site(
     assert sorted(r["gen-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
     assert sorted(r["ret-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
     assert (run / "history.csv").exists() and (run / "history.png").stat().st_size > 0
+
+    # what a user does next: a report of the run and an export for serving (both canary-checked)
+    assert cli_main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    for n in (0, 1, 2):  # every round, in the table of replies
+        assert f"<tr><td>{n}</td><td>evaluate</td><td>aggregated</td>" in page
+    for n in (1, 2):
+        assert f"<tr><td>{n}</td><td>train</td><td>aggregated</td>" in page
+    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
+    assert "failed (code" in page and "Base against final" in page
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "federated: 2 rounds of fedavg" in card and "| overall |" in card
 
     # the sites' own logs have the details; the server's log only codes
     site_a, site_c = tmp_path / "site-a", tmp_path / "site-c"

@@ -31,17 +31,17 @@ def test_store_builds_once_reuses_and_rebuilds_on_change(tiny_settings, toy_root
     client = resolve_clients([toy_root / "client-a"])[0]
     retriever = build_retriever(tiny_settings)
     with open_store(client, tiny_settings, retriever, progress=False) as store:
-        first = store._target()
+        first = store.published()
         assert store.count() == 6
         hits = store.search(retriever.encode_queries(["ASCII", "TCP"]), 3)
         assert [len(h) for h in hits] == [3, 3]
         assert hits[0][0].score >= hits[0][1].score >= hits[0][2].score
         assert {"id", "doc_id", "text", "score"} <= set(vars(hits[0][0]))
     with open_store(client, tiny_settings, retriever, progress=False) as store:
-        assert store._target() == first  # same corpus + encoder: reused
+        assert store.published() == first  # same corpus + encoder: reused
     changed = tiny_settings.replace(chunk_tokens=16)
     with open_store(client, changed, retriever, progress=False) as store:
-        assert store._target() != first  # changed chunking: rebuilt
+        assert store.published() != first  # changed chunking: rebuilt
         assert len(store.client.get_collections().collections) == 1  # old build removed
 
 
@@ -58,7 +58,7 @@ def test_interrupted_build_is_never_taken_as_complete(tiny_settings, toy_root):
         with pytest.raises(KeyboardInterrupt):
             store.build("abc", lambda: chunk_documents(client.corpus(), retriever.tokenizer, 32, 4),
                         failing_embed, retriever.dim, progress=False)  # fmt: skip
-        assert store._target() is None and not store.is_current("abc")
+        assert store.published() is None and not store.is_current("abc")
         with pytest.raises(RuntimeError, match="has not been indexed"):
             store.search(retriever.encode_queries(["x"]), 1)
     with open_store(client, tiny_settings, retriever, progress=False) as store:

@@ -111,14 +111,15 @@ class KnowledgeStore:
     def close(self) -> None:
         self.client.close()
 
-    def _target(self) -> str | None:
+    def published(self) -> str | None:
+        """The collection the alias publishes (None before the first complete build)."""
         for alias in self.client.get_aliases().aliases:
             if alias.alias_name == self.name:
                 return alias.collection_name
         return None
 
     def is_current(self, fp: str) -> bool:
-        target = self._target()
+        target = self.published()
         return target is not None and target.startswith(f"{self.name}--{fp}")
 
     def build(
@@ -166,7 +167,7 @@ class KnowledgeStore:
             self.client.delete_collection(collection)
             self.prune_crashed_builds()
             return False
-        old = self._target()
+        old = self.published()
         # One atomic alias change. Qdrant's CreateAlias replaces an existing alias, so if another
         # builder publishes between these lines the alias ends on this build and the other's
         # collection is left unpublished: still complete, never half-read, and pruned as stale.
@@ -191,7 +192,7 @@ class KnowledgeStore:
 
     def prune_crashed_builds(self) -> list[str]:
         """Delete this store's unpublished builds that no live builder can own; their names."""
-        target, now, pruned = self._target(), time.time(), []
+        target, now, pruned = self.published(), time.time(), []
         for c in self.client.get_collections().collections:
             started = _build_start(self.name, c.name)
             if c.name == target or started is None:
@@ -208,7 +209,7 @@ class KnowledgeStore:
 
     def search(self, vectors: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
         """Top-k chunks for each query vector, with Qdrant's own nearest-neighbour search."""
-        if self._target() is None:
+        if self.published() is None:
             raise RuntimeError(f"store {self.name!r} has not been indexed yet (run `fedrag index`)")
         requests = [
             models.QueryRequest(
