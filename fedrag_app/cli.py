@@ -37,13 +37,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _finetuned(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run",
+        help="a finished run (outputs/run-* or a train --out folder): its models and the "
+        "settings it trained with (-c and the options below still win)",
+    )
     p.add_argument("--adapter", help="a LoRA adapter folder (e.g. OUT/adapter)")
     p.add_argument("--retriever", help="a fine-tuned query encoder folder (e.g. OUT/retriever)")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _trained(args: argparse.Namespace) -> tuple[Settings, str | None, str | None]:
+    """Settings, adapter and query encoder: a --run's, under any explicit option."""
+    if not args.run:
+        return _settings(args), args.adapter, args.retriever
+    from fedrag_app.trained import open_run
+
+    run = open_run(args.run)
+    s = _settings(args, base=run.settings.to_config())
+    return s, args.adapter or run.adapter, args.retriever or run.query_encoder
+
+
+def _settings(args: argparse.Namespace, base: dict | None = None) -> Settings:
     return settings_from(
-        parse_overrides(args.config),
+        {**(base or {}), **parse_overrides(args.config)},
         retriever_model=args.retriever_model,
         generator_model=args.generator_model,
         device=args.device,
@@ -80,9 +96,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from fedrag_app.rag.system import RAGSystem
     from fedrag_app.task import build_generator, build_retriever, open_store, warn_cut
 
-    s = _settings(args)
+    s, adapter, query_encoder = _trained(args)
     clients = resolve_clients(args.data)  # bad folders fail before any model loads
-    retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
+    retriever, generator = build_retriever(s, query_encoder), build_generator(s, adapter)
     for client in clients:
         cut_before = generator.contexts_cut
         with open_store(client, s, retriever, progress=not args.quiet) as store:
@@ -99,11 +115,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedrag_app.task import build_generator, build_retriever, evaluate_local
 
-    s = _settings(args)
+    s, adapter, query_encoder = _trained(args)
     if args.limit is not None:
         s = s.replace(eval_limit=args.limit)
     clients = resolve_clients(args.data)  # bad folders fail before any model loads
-    retriever, generator = build_retriever(s, args.retriever), build_generator(s, args.adapter)
+    retriever, generator = build_retriever(s, query_encoder), build_generator(s, adapter)
     summary, _ = evaluate_local(clients, s, retriever, generator, not args.quiet)
     print(_table(summary))
     if args.json:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from fedrag_app.atomic import atomic_text, fsync_dir, fsync_tree
+from fedrag_app.rag.generator import SYSTEM_PROMPT
 from fedrag_app.rag.models import weights_fingerprint
 from fedrag_app.trained import TrainedRun, load_models, merged_generator, open_run
 
@@ -44,6 +45,7 @@ def export(run_folder: str | Path, out: str | Path, overwrite: bool = False, **o
             "dim": retriever.dim,
             "chunk-tokens": run.settings.chunk_tokens,
             "chunk-overlap": run.settings.chunk_overlap,
+            "max-context-chars": generator.max_context_chars,
         }
         atomic_text(tmp / "context-encoder.json", json.dumps(context, indent=2) + "\n")
         atomic_text(tmp / "README.md", model_card(run, context))
@@ -168,9 +170,23 @@ tokenizer = AutoTokenizer.from_pretrained("generator")
 query_encoder = SentenceTransformer("retriever")
 ```
 
-Answers follow the prompt format the generator was fine-tuned on
-(`fedrag_app.rag.generator.Generator.prompt`): a system prompt, then numbered contexts and the
-question.
+Prompt it as it was fine-tuned (`fedrag_app.rag.generator.Generator.prompt`): the tokenizer's
+chat template with this system message
+
+> {SYSTEM_PROMPT}
+
+and a user message of the top-{s.top_k} retrieved chunks, each cut to {context["max-context-chars"]}
+characters, then the question:
+
+```text
+Context:
+[1] first chunk
+[2] second chunk
+
+Question: the question
+```
+
+The run evaluated greedy answers of up to {s.max_new_tokens} new tokens.
 
 ## Configuration
 

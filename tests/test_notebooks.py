@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks_stored_without_outputs():
-    assert len(NOTEBOOKS) == 3
+def test_there_are_four_notebooks_stored_without_outputs():
+    assert len(NOTEBOOKS) == 4
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name

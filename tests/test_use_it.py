@@ -4,6 +4,7 @@ report. Real packages, offline, on a demo site's real Qdrant store and a small t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -59,12 +60,30 @@ def _randomise_lora_b(adapter: Path) -> None:
 
 
 def _reference_ids(run: Path, site: Path) -> list[list[str]]:
-    """The chunks `fedrag query` retrieves with this run's models (its own code path)."""
+    """The chunk ids `fedrag query` retrieves with this run's models (its own code path)."""
     r = open_run(run)
     retriever = build_retriever(r.settings, r.query_encoder)
     with open_store(resolve_clients([site])[0], r.settings, retriever, progress=False) as store:
         system = RAGSystem(retriever, None, store, r.settings.top_k)
         return [[h.id for h in hits] for hits in system.retrieve(QUESTIONS)]
+
+
+def _cli_sources(run: Path, site: Path, capsys) -> list[list[tuple[str, str]]]:
+    """(doc id, first line of the text) of each source `fedrag query --run` prints."""
+    from fedrag_app.cli import main
+
+    found = []
+    for q in QUESTIONS:
+        capsys.readouterr()
+        assert main(["query", "--run", str(run), "--data", str(site), "--quiet", q]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        hits = [re.match(r"^  \d+\. \(-?[\d.]+\) (\S+): (.*)$", line) for line in lines]
+        found.append([(m[1], m[2]) for m in hits if m])
+    return found
+
+
+def _first_line(doc_id: str, text: str) -> tuple[str, str]:
+    return doc_id, text[:160].split("\n")[0]
 
 
 def test_open_run_reads_the_settings_it_trained_with(trained):
@@ -76,25 +95,32 @@ def test_open_run_reads_the_settings_it_trained_with(trained):
         open_run(run / "adapter")
 
 
-def test_langchain_retriever_returns_the_chunks_fedrag_query_does(trained):
+def test_langchain_retriever_returns_the_chunks_fedrag_query_does(trained, capsys):
     from fedrag_app.integrations import langchain as lc
 
     run, site, _ = trained
-    expected = _reference_ids(run, site)
+    expected, printed = _reference_ids(run, site), _cli_sources(run, site, capsys)
     docs_retriever = lc.retriever(run, site)
-    got = [[str(d.metadata["_id"]) for d in docs_retriever.invoke(q)] for q in QUESTIONS]
-    assert got == expected and all(len(ids) == 3 for ids in got)
+    docs = [docs_retriever.invoke(q) for q in QUESTIONS]
     docs_retriever.vectorstore.fedrag.close()
+    assert [[str(d.metadata["_id"]) for d in ds] for ds in docs] == expected
+    assert all(len(ids) == 3 for ids in expected)
+    assert [[_first_line(d.metadata["doc_id"], d.page_content) for d in ds] for ds in docs] == (
+        printed
+    )
 
 
-def test_llamaindex_retriever_returns_the_chunks_fedrag_query_does(trained):
+def test_llamaindex_retriever_returns_the_chunks_fedrag_query_does(trained, capsys):
     from fedrag_app.integrations import llamaindex as li
 
     run, site, _ = trained
-    expected = _reference_ids(run, site)
+    expected, printed = _reference_ids(run, site), _cli_sources(run, site, capsys)
     nodes_retriever = li.retriever(run, site)
-    got = [[n.node.node_id for n in nodes_retriever.retrieve(q)] for q in QUESTIONS]
-    assert got == expected
+    got = [nodes_retriever.retrieve(q) for q in QUESTIONS]
+    assert [[n.node.node_id for n in ns] for ns in got] == expected
+    assert [
+        [_first_line(n.node.metadata["doc_id"], n.node.get_content()) for n in ns] for ns in got
+    ] == printed
     nodes = nodes_retriever.retrieve(QUESTIONS[0])
     assert nodes[0].node.get_content() and "doc_id" in nodes[0].node.metadata
     nodes_retriever.fedrag.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import VectorStoreRetriever
@@ -40,16 +41,34 @@ class FineTunedEmbeddings(Embeddings):
         return self.retriever.encode_contexts(texts).tolist()
 
 
+class SiteVectorStore(QdrantVectorStore):
+    """A fedrag store's points carry a flat payload (``text``, ``doc_id``, ``title``), where
+    langchain-qdrant expects the metadata nested under one key: every field but the text
+    becomes the Document's metadata."""
+
+    @classmethod
+    def _document_from_point(
+        cls, scored_point: Any, collection_name: str, content_payload_key: str, *_: Any
+    ) -> Document:
+        payload = dict(scored_point.payload or {})
+        text = payload.pop(content_payload_key, "")
+        return Document(
+            page_content=text,
+            metadata={**payload, "_id": scored_point.id, "_collection_name": collection_name},
+        )
+
+
 def vector_store(
     system: Opened | str | Path, store: str | Path | KnowledgeStore | None = None, **overrides
 ) -> QdrantVectorStore:
     """The site's published collection as a LangChain vector store (payload ``text`` is the
-    page content; each Document's ``metadata['_id']`` is the chunk id ``fedrag query`` uses).
+    page content; each Document's metadata holds ``doc_id``, ``title`` and, in ``_id``, the
+    chunk id ``fedrag query`` uses).
 
     ``system``: an ``open_system(...)``, or a run folder with ``store`` (a client folder or a
     KnowledgeStore) and Settings ``overrides``."""
     opened = as_system(system, store, overrides)
-    vs = QdrantVectorStore(
+    vs = SiteVectorStore(
         client=opened.store.client,
         collection_name=opened.collection,
         embedding=FineTunedEmbeddings(opened.retriever),
