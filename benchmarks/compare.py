@@ -2,8 +2,10 @@
 
 Rows: the base system; centralized training on the pooled data of all clients; federated
 training (`flwr run`, FedAvg); each client trained alone on its own data. Every row is evaluated
-on every client's eval set. Budget: R rounds x S local steps per client federated, so pooled
-centralized gets R x S x C steps and each lone client R x S steps (what it spends federated).
+on every client's eval set, once, after training (federated: `evaluate-every=0` unless -c
+sets it), so the pooled and federated wall times hold the same evaluation. Budget: R rounds x
+S local steps per client federated, so pooled centralized gets R x S x C steps and each lone
+client R x S steps (what it spends federated).
 
 Seeds: the whole table runs once per seed (``--seeds 0,1,2`` by default, overriding a ``seed``
 in -c) and ends with the mean over seeds, because one seed's EM on 100 questions moves by
@@ -28,6 +30,7 @@ from fedrag_app.centralized import run_centralized
 from fedrag_app.config import parse_overrides, settings_from
 from fedrag_app.data import resolve_clients
 from fedrag_app.simulation import run_simulation
+from fedrag_app.task import build_generator, build_retriever, evaluate_local
 
 
 def _row(name: str, summary: dict, seconds: float) -> dict:
@@ -66,8 +69,14 @@ def one_seed(s, overrides: dict, clients, strategies: list[str], skip_alone: boo
     rounds, steps, n = s.num_server_rounds, s.local_steps, len(clients)
     rows = []
     start = time.perf_counter()
-    pooled = run_centralized(clients, s.replace(local_steps=rounds * steps * n), work / "pooled")
-    rows.append(_row("base system (no fine-tuning)", pooled["before"], 0))
+    retriever, generator = build_retriever(s), build_generator(s)  # LoRA B = 0: the base
+    base, _ = evaluate_local(clients, s, retriever, generator, progress=False)
+    rows.append(_row("base system (no fine-tuning)", base, time.perf_counter() - start))
+    del retriever, generator
+    # the same evaluation on both sides: training, then ONE evaluation of the final system
+    start = time.perf_counter()
+    pooled = run_centralized(clients, s.replace(local_steps=rounds * steps * n), work / "pooled",
+                             evaluate_before=False)  # fmt: skip
     rows.append(
         _row(
             f"centralized, pooled data ({rounds * steps * n} steps)",
@@ -84,6 +93,7 @@ def one_seed(s, overrides: dict, clients, strategies: list[str], skip_alone: boo
             "strategy": strategy,
             "output-dir": str(work / f"fed-{strategy}"),
         }
+        config.setdefault("evaluate-every", 0)  # after the last round only, as pooled is
         log = work / f"fed-{strategy}.log"
         fed = run_simulation(config, num_supernodes=n, log_file=log)
         if not fed.ok:

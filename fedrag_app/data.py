@@ -7,12 +7,14 @@ gzipped (``.jsonl.gz``). A data root is a folder with one client folder per sub-
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class DataError(ValueError):
@@ -141,6 +143,32 @@ def load_corpus(path: Path) -> list[Document]:
     return docs
 
 
+def _per_file_version(parse: Callable[[Path], Any]) -> Callable[[Path], Any]:
+    """Memoise a file's parse in this process, keyed by its path, size and modification time.
+
+    Every Flower message re-opens a site's files; a site with tens of thousands of QA pairs
+    or a large corpus should not re-read and re-hash them while they are unchanged. A list is
+    returned as a fresh list of the cached (frozen) items; a file that fails to parse is not
+    cached, so the next call reports it again.
+    """
+
+    def frozen(path: str, _size: int, _mtime: int) -> Any:
+        value = parse(Path(path))
+        return tuple(value) if isinstance(value, list) else value
+
+    cached = functools.lru_cache(maxsize=32)(frozen)
+
+    @functools.wraps(parse)
+    def read(path: Path) -> Any:
+        st = Path(path).stat()
+        value = cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        return list(value) if isinstance(value, tuple) else value
+
+    read.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return read
+
+
+@_per_file_version
 def load_qa(path: Path) -> list[QAPair]:
     pairs: list[QAPair] = []
     for number, obj in read_jsonl(path):
@@ -163,6 +191,7 @@ def load_qa(path: Path) -> list[QAPair]:
     return pairs
 
 
+@_per_file_version
 def file_digest(path: Path) -> str:
     return hashlib.sha256(_open_text(path)).hexdigest()
 

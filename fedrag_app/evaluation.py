@@ -74,8 +74,9 @@ def evaluate_system(
     """Returns (summary, per-question records)."""
     records: list[dict] = []
     bar = tqdm(total=len(qa), desc=desc, unit="q", disable=not progress)
-    for start in range(0, len(qa), batch_size):
-        batch = qa[start : start + batch_size]
+    chunk = batch_size * 8  # the generator groups each chunk's prompts by length
+    for start in range(0, len(qa), chunk):
+        batch = qa[start : start + chunk]
         answers = system.answer([p.question for p in batch], max_new_tokens, batch_size)
         for pair, ans in zip(batch, answers, strict=True):
             rank = first_hit_rank([h.text for h in ans.sources], pair.answers)

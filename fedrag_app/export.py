@@ -186,7 +186,8 @@ Context:
 Question: the question
 ```
 
-The run evaluated greedy answers of up to {s.max_new_tokens} new tokens.
+The run evaluated greedy answers of up to {s.max_new_tokens} new tokens, read to the end of
+their first non-empty line (an answer is one line).
 
 ## Configuration
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from fedrag_app.config import Settings
-from fedrag_app.data import ClientData, file_digest
+from fedrag_app.data import ClientData, QAPair, file_digest
 from fedrag_app.evaluation import evaluate_system, summarize
-from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop, seed_everything
+from fedrag_app.finetune.loop import LoopSettings, prepared_batches, run_loop, seed_everything
 from fedrag_app.finetune.lsr import LsrLoss
 from fedrag_app.finetune.privacy import DpSettings, PrivacyLedger, noise_multiplier, poisson_batches
 from fedrag_app.finetune.ralt import RaltLoss, raft_examples, ralt_examples
@@ -56,6 +56,7 @@ def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator
         lora=lora,
         adapter=adapter,
         max_context_chars=s.max_context_chars,
+        autocast_bf16=s.autocast_bf16,
     )
 
 
@@ -180,18 +181,23 @@ def train_local(
             schedule_start=(server_round - 1) * s.local_steps,
             schedule_total=s.num_server_rounds * s.local_steps,
         )
+    window = _window(s)
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
                 retriever, generator, stores, s.lsr_k, s.lsr_gamma, s.lsr_tau, s.max_seq_len
             )
-            fit = [
-                x
-                for x in pairs
-                if generator.fits(x[1].question, [], x[1].answers[0], s.max_seq_len)
-            ]
-            skipped += len(pairs) - len(fit)
-            batches = length_grouped_batches(fit, lambda x: len(x[1].question), s.batch_size, rng)
+            too_long: set = set()
+
+            def fitting(items: list[tuple[int, QAPair]]) -> list[tuple[int, QAPair]]:
+                n = s.max_seq_len
+                keep = [x for x in items if generator.fits(x[1].question, [], x[1].answers[0], n)]
+                too_long.update(set(items) - set(keep))
+                return keep
+
+            batches = prepared_batches(
+                pairs, fitting, lambda x: len(x[1].question), s.batch_size, window, rng
+            )
             res = run_loop(
                 _prefixed("ret.", retriever.trainable_parameters()),
                 batches,
@@ -200,31 +206,40 @@ def train_local(
                 optimizer_state,
             )
             metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
-            skipped += loss.skipped
+            skipped += len(too_long) + loss.skipped
         if s.mode in ("generator", "both"):
-            examples = []
-            for i, store in enumerate(stores):
-                mine = [p for j, p in pairs if j == i]
-                if not mine:
-                    continue
-                k = s.top_k + s.raft_distractors + 2 if s.raft_p > 0 else s.top_k
-                hits = store.search(retriever.encode_queries([p.question for p in mine]), k)
-                if s.raft_p > 0:
-                    examples += raft_examples(mine, hits, s.raft_p, s.raft_distractors, rng)
-                else:
-                    # DP: one example per QA pair, the unit the guarantee is about
-                    examples += ralt_examples(mine, hits, s.top_k, joint=s.dp == "record")
             loss = RaltLoss(generator, s.max_seq_len, per_example=s.dp == "record")
-            fit = [e for e in examples if loss.fits(e)]
-            skipped += len(examples) - len(fit)
+            unfit: set = set()
+
+            def examples(items: list[tuple[int, QAPair]]) -> list:
+                """The items' RALT / RAFT examples: one batched retrieval per store."""
+                built = []
+                for i, store in enumerate(stores):
+                    mine = [p for j, p in items if j == i]
+                    if not mine:
+                        continue
+                    k = s.top_k + s.raft_distractors + 2 if s.raft_p > 0 else s.top_k
+                    hits = store.search(retriever.encode_queries([p.question for p in mine]), k)
+                    if s.raft_p > 0:
+                        built += raft_examples(mine, hits, s.raft_p, s.raft_distractors, rng)
+                    else:
+                        # DP: one example per QA pair, the unit the guarantee is about
+                        built += ralt_examples(mine, hits, s.top_k, joint=s.dp == "record")
+                keep = [e for e in built if loss.fits(e)]
+                unfit.update(set(built) - set(keep))
+                return keep
+
             dp = None
             if s.dp == "record":
-                dp = _dp_settings(s, len(fit), federated=server_round > 0)
+                dp = _dp_settings(s, len(pairs), federated=server_round > 0)
                 privacy = privacy or PrivacyLedger(s.dp_delta)
                 privacy.plan(dp, s.local_steps)  # refuse before training, not after
-                batches = poisson_batches(fit, dp.sample_rate, rng)
+                batches = poisson_batches(pairs, dp.sample_rate, rng, examples)
             else:
-                batches = length_grouped_batches(fit, loss.length, s.batch_size, rng)
+                per_pair = 1 if s.raft_p > 0 else s.top_k
+                batches = prepared_batches(
+                    pairs, examples, loss.length, s.batch_size, max(1, window // per_pair), rng
+                )
             res = run_loop(
                 _prefixed("gen.", generator.trainable_parameters()),
                 batches,
@@ -234,6 +249,7 @@ def train_local(
                 module=generator.model,
             )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
+            skipped += len(unfit)
             if dp is not None and privacy is not None:
                 privacy.record(dp, int(res["steps"]))
                 metrics.update(
@@ -256,9 +272,16 @@ def train_local(
     return metrics
 
 
+def _window(s: Settings) -> int:
+    """Examples prepared at a time: one round's (steps x accumulation x batch), capped so
+    length grouping still sees a few dozen batches in a long centralized run."""
+    return min(s.local_steps * s.grad_accum * s.batch_size, 32 * s.batch_size)
+
+
 def _dp_settings(s: Settings, examples: int, federated: bool) -> DpSettings:
     """The noise for the whole run's steps at this site's sampling rate: a federated site
-    plans for every round (num-server-rounds x local-steps), a centralized run for its steps."""
+    plans for every round (num-server-rounds x local-steps), a centralized run for its steps.
+    ``examples`` counts the site's QA pairs, sampled before anything is tokenized."""
     expected = min(s.batch_size * s.grad_accum, examples)
     rate = expected / max(examples, 1)
     steps = s.local_steps * (s.num_server_rounds if federated else 1)

@@ -157,3 +157,38 @@ def test_hf_import_of_a_squad_shaped_set_uses_nested_answers_and_its_own_context
     assert main([*base2, "--out", str(tmp_path / "root"), *common, "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == [
         "client-0", "client-1", "import.json"]  # fmt: skip
+
+
+def test_qa_files_and_the_corpus_digest_are_read_once_per_file_version(tmp_path, monkeypatch):
+    """Every Flower message re-opens a site's files: unchanged files are not parsed again."""
+    import os
+
+    import fedrag_app.data as data
+
+    reads = []
+    real = data.read_jsonl
+    monkeypatch.setattr(data, "read_jsonl", lambda path: reads.append(path) or real(path))
+    f = tmp_path / "train.jsonl"
+
+    def write(*answers: str) -> None:
+        f.write_text(
+            "".join(json.dumps({"question": f"q {a}?", "answer": a}) + "\n" for a in answers)
+        )
+
+    write("one", "two")
+    first = load_qa(f)
+    first.append("not a pair")  # a caller's list is its own
+    assert len(load_qa(f)) == 2 and len(reads) == 1
+    digest = data.file_digest(f)
+    assert data.file_digest(f) == digest
+    write("one", "six")  # same size: the modification time tells
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert [p.answers for p in load_qa(f)] == [("one",), ("six",)] and len(reads) == 2
+    assert data.file_digest(f) != digest
+    write("one", "two", "three")
+    assert len(load_qa(f)) == 3 and len(reads) == 3
+    f.write_text("{not json\n")
+    for _ in range(2):  # a failure is never cached
+        with pytest.raises(DataError, match="train.jsonl:1"):
+            load_qa(f)

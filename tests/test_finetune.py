@@ -4,13 +4,19 @@ import random
 
 import pytest
 import torch
+from conftest import FACTS, make_client, write_jsonl
 
 from fedrag_app.data import QAPair, resolve_clients
-from fedrag_app.finetune.loop import LoopSettings, length_grouped_batches, run_loop
+from fedrag_app.finetune.loop import (
+    LoopSettings,
+    length_grouped_batches,
+    prepared_batches,
+    run_loop,
+)
 from fedrag_app.finetune.lsr import LsrLoss
 from fedrag_app.finetune.ralt import Example, RaltLoss, raft_examples, ralt_examples
-from fedrag_app.rag.generator import IGNORE
-from fedrag_app.rag.store import Hit
+from fedrag_app.rag.generator import IGNORE, Generator
+from fedrag_app.rag.store import Hit, KnowledgeStore
 from fedrag_app.task import build_generator, build_retriever, open_store, train_local
 
 
@@ -230,3 +236,59 @@ def test_answer_only_loss_matches_the_plain_full_sequence_computation(tiny_setti
             ]
         )
         assert torch.allclose(batch_scores, single, atol=1e-4)  # left padding changes nothing
+
+
+@pytest.mark.parametrize("mode", ["both", "generator"])
+def test_a_round_prepares_only_what_its_steps_train(tiny_settings, tmp_path, monkeypatch, mode):
+    """A site with 40x the QA pairs retrieves and tokenizes as much per round as a small one:
+    the round's pairs are drawn first, then only they are retrieved and encoded."""
+    counts = {"search": 0, "encode": 0}
+    search, encode = KnowledgeStore.search, Generator.encode_example
+
+    def counting_search(self, vectors, k, with_vectors=False):
+        counts["search"] += len(vectors)
+        return search(self, vectors, k, with_vectors)
+
+    def counting_encode(self, *args, **kwargs):
+        counts["encode"] += 1
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(KnowledgeStore, "search", counting_search)
+    monkeypatch.setattr(Generator, "encode_example", counting_encode)
+    s = tiny_settings.replace(mode=mode, local_steps=3)
+    seen = []
+    for n in (10, 400):
+        site = make_client(tmp_path / f"site-{n}", FACTS)
+        facts = [FACTS[i % len(FACTS)] for i in range(n)]
+        qa = [{"question": f"Q{i}: what does {t} stand for?", "answers": [e]}
+              for i, (t, e, _) in enumerate(facts)]  # fmt: skip
+        write_jsonl(site / "train.jsonl", qa)
+        retriever, generator = build_retriever(s), build_generator(s)
+        metrics = train_local(resolve_clients([site]), s, retriever, generator, progress=False)
+        assert metrics["num-examples"] == n and metrics["gen-steps"] == 3
+        seen.append(dict(counts))
+        counts.update(search=0, encode=0)
+    assert seen[0] == seen[1], seen
+    per_round = s.local_steps * s.batch_size  # examples the steps train on
+    # fits() and the loss encode each drawn example once; LSR scores lsr-k candidates each
+    assert 0 < seen[1]["encode"] <= per_round * ((s.lsr_k + 3) if mode == "both" else 2)
+    assert seen[1]["search"] <= 2 * per_round
+
+
+def test_prepared_batches_are_full_prepare_lazily_and_fail_when_nothing_fits():
+    prepared = []
+
+    def prepare(items):
+        prepared.extend(items)
+        return [x for x in items if x % 7 != 0]  # multiples of 7 "do not fit"
+
+    batches = prepared_batches(list(range(1, 41)), prepare, lambda x: x, 4, 6, random.Random(0))
+    first = [next(batches) for _ in range(3)]
+    assert all(len(b) == 4 for b in first) and len(prepared) <= 18  # only what was reached
+    epoch = first + [next(batches) for _ in range(5)]  # 35 fit: 8 full batches, 3 carried
+    assert all(len(b) == 4 for b in epoch) and len(set(sum(epoch, []))) == 32
+    assert len(prepared) == 40 and not {7, 14, 21, 28, 35} & set(sum(epoch, []))
+    tiny = prepared_batches([1, 2, 3], list, lambda x: x, 4, 8, random.Random(0))
+    assert sorted(next(tiny)) == [1, 2, 3]  # fewer than one batch: one short batch
+    with pytest.raises(ValueError, match="fits"):
+        next(prepared_batches([7, 14], prepare, lambda x: x, 4, 8, random.Random(0)))

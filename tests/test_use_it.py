@@ -16,6 +16,7 @@ from fedrag_app.centralized import run_centralized
 from fedrag_app.config import Settings
 from fedrag_app.data import resolve_clients
 from fedrag_app.integrations import open_system
+from fedrag_app.rag.generator import first_line
 from fedrag_app.rag.system import RAGSystem
 from fedrag_app.task import build_generator, build_retriever, open_store
 from fedrag_app.trained import open_run
@@ -174,8 +175,8 @@ def test_export_is_plain_transformers_and_answers_as_base_plus_adapter(trained, 
         with torch.no_grad():
             gen = merged.generate(**batch, max_new_tokens=8, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        got.append(tokenizer.decode(gen[0, batch["input_ids"].shape[1]:],
-                                    skip_special_tokens=True).strip())  # fmt: skip
+        got.append(first_line(tokenizer.decode(gen[0, batch["input_ids"].shape[1]:],
+                                                skip_special_tokens=True)))  # fmt: skip
     assert got == want
     trained_q = SentenceTransformer(str(run / "retriever"), device="cpu").encode(QUESTIONS)
     exported_q = SentenceTransformer(str(out / "retriever"), device="cpu").encode(QUESTIONS)

@@ -18,6 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from fedrag_app.finetune.privacy import DpSettings, PrivateOptimizer
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,49 @@ def seed_everything(seed: int) -> None:
 def length_grouped_batches(
     items: Sequence[T], length: Callable[[T], int], batch_size: int, rng: random.Random
 ) -> Iterator[list[T]]:
-    """Endless batches of similar lengths (little padding), in random order, epoch after epoch."""
+    """Endless batches of similar lengths (little padding), in random order, epoch after epoch,
+    over items that are ready to train on."""
+    return prepared_batches(items, list, length, batch_size, batch_size * 32, rng)
+
+
+def prepared_batches(
+    items: Sequence[S],
+    prepare: Callable[[list[S]], list[T]],
+    length: Callable[[T], int],
+    batch_size: int,
+    window: int,
+    rng: random.Random,
+) -> Iterator[list[T]]:
+    """Endless full batches of similar lengths that prepare only what they yield.
+
+    The cheap items (QA pairs) are shuffled; ``prepare`` (retrieve, build examples, tokenize,
+    drop what does not fit) runs on ``window`` of them at a time, when the loop reaches them.
+    A round of S steps then costs S steps' examples, whatever the size of the site's data.
+    A window's last partial batch carries over into the next, so every batch is full (unless
+    the whole data set holds fewer examples than one batch).
+    """
     if not items:
         raise ValueError("no training examples")
-    window = batch_size * 32
+    carry: list[T] = []
     while True:
         order = list(items)
         rng.shuffle(order)
-        batches: list[list[T]] = []
+        produced = yielded = False
         for start in range(0, len(order), window):
-            mega = sorted(order[start : start + window], key=length)
-            batches.extend(mega[i : i + batch_size] for i in range(0, len(mega), batch_size))
-        rng.shuffle(batches)
-        yield from batches
+            ready = carry + prepare(order[start : start + window])
+            produced = produced or bool(ready)
+            ready.sort(key=length)
+            full = len(ready) // batch_size * batch_size
+            batches = [ready[i : i + batch_size] for i in range(0, full, batch_size)]
+            carry = ready[full:]
+            rng.shuffle(batches)
+            yielded = yielded or bool(batches)
+            yield from batches
+        if not produced:
+            raise ValueError("no training example fits max-seq-len")
+        if not yielded:  # fewer examples than one batch in the whole data set
+            batch, carry = carry, []
+            yield batch
 
 
 def run_loop(

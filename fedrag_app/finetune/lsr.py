@@ -41,8 +41,13 @@ class LsrLoss:
         q, tokens = self.retriever.query_embeddings(questions)  # (B, D), differentiable
         q_np = q.detach().float().cpu().numpy()
         contexts, encoded, rows = [], [], []
+        candidates: dict[int, list] = {}  # row -> hits; ONE batched search per store
+        for store_idx in sorted({i for i, _ in batch}):
+            mine = [row for row, (i, _) in enumerate(batch) if i == store_idx]
+            found = self.stores[store_idx].search(q_np[mine], self.k, with_vectors=True)
+            candidates.update(zip(mine, found, strict=True))
         for row, (store_idx, pair) in enumerate(batch):
-            hits = self.stores[store_idx].search(q_np[row : row + 1], self.k, with_vectors=True)[0]
+            hits = candidates[row]
             if len(hits) < self.k:
                 raise RuntimeError(
                     f"store {self.stores[store_idx].name} holds fewer than {self.k} chunks"

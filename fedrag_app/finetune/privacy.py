@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -109,14 +109,25 @@ class PrivacyLedger:
         return cls(delta, budget, entries)
 
 
-def poisson_batches(items: Sequence[T], rate: float, rng: random.Random) -> Iterator[list[T]]:
-    """Endless batches, each example included independently with probability ``rate``: the
+def poisson_batches(
+    items: Sequence[T],
+    rate: float,
+    rng: random.Random,
+    prepare: Callable[[list[T]], list] | None = None,
+) -> Iterator[list]:
+    """Endless batches, each item included independently with probability ``rate``: the
     sampling under which the accountant's epsilon holds (fixed-size shuffled batches are not).
-    A batch may be empty; the step then releases noise only."""
+    A batch may be empty; the step then releases noise only.
+
+    ``prepare`` turns the sampled items (QA pairs) into examples when the batch is drawn, so
+    only sampled pairs are retrieved and tokenized; it may drop one that does not fit, which
+    the guarantee allows (a record then adds nothing, less than the clip norm it may add).
+    """
     if not items:
         raise ValueError("no training examples")
     while True:
-        yield [x for x in items if rng.random() < rate]
+        sampled = [x for x in items if rng.random() < rate]
+        yield prepare(sampled) if prepare is not None and sampled else sampled
 
 
 class PrivateOptimizer:

@@ -21,7 +21,7 @@ from langchain_huggingface import HuggingFacePipeline
 from langchain_qdrant import QdrantVectorStore
 
 from fedrag_app.integrations import Opened, as_system, trained_run
-from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.generator import Generator, first_line
 from fedrag_app.rag.retriever import Retriever
 from fedrag_app.rag.store import KnowledgeStore
 from fedrag_app.trained import merged_generator
@@ -124,5 +124,5 @@ def rag_chain(
         {"docs": docs, "question": RunnablePassthrough()}
         | RunnableLambda(prompt)
         | model
-        | RunnableLambda(lambda text: text.strip())
+        | RunnableLambda(first_line)  # an answer is one line, as the run evaluated it
     )

@@ -23,7 +23,7 @@ from llama_index.vector_stores.qdrant import QdrantVectorStore
 from pydantic import PrivateAttr
 
 from fedrag_app.integrations import Opened, as_system, trained_run
-from fedrag_app.rag.generator import Generator
+from fedrag_app.rag.generator import Generator, first_line
 from fedrag_app.rag.retriever import Retriever
 from fedrag_app.rag.store import KnowledgeStore
 from fedrag_app.trained import merged_generator
@@ -109,7 +109,7 @@ class FineTunedQueryEngine(CustomQueryEngine):
     def custom_query(self, query_str: str) -> Response:
         nodes = self.retriever.retrieve(query_str)
         prompt = self.generator.prompt(query_str, [n.node.get_content() for n in nodes])
-        text = self.llm.complete(prompt, formatted=True).text.strip()
+        text = first_line(self.llm.complete(prompt, formatted=True).text)  # one line, as evaluated
         return Response(text, source_nodes=nodes)
 
 

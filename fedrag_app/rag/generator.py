@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from fedrag_app.rag.device import pick_device, pick_dtype
 from fedrag_app.rag.models import resolve_model, weights_fingerprint
@@ -18,6 +24,24 @@ SYSTEM_PROMPT = (
     "a term, a name, an expansion or a year."
 )
 IGNORE = -100
+
+
+def first_line(text: str) -> str:
+    """The answer in a generation: its first non-empty line."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+class _FirstLineDone(StoppingCriteria):
+    """Per sequence: done once the text after the prompt holds a complete non-empty line."""
+
+    def __init__(self, tokenizer, prompt_width: int) -> None:
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 
 class ExampleTooLong(ValueError):
@@ -44,8 +68,10 @@ class Generator:
         lora: LoraSettings | None = None,
         adapter: str | Path | None = None,
         max_context_chars: int = 700,
+        autocast_bf16: bool = False,
     ) -> None:
         path = resolve_model(model_ref)
+        self.autocast_bf16 = autocast_bf16  # answers generated under bf16 autocast too
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -110,32 +136,44 @@ class Generator:
         return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
     # ---- inference -----------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 8
     ) -> list[str]:
-        """Greedy, batched, left-padded generation; returns the decoded continuations."""
+        """Greedy answers, one line each, in the order of ``prompts``.
+
+        Prompts are grouped by token length (left padding wastes little) and each sequence
+        stops at EOS or once its first non-empty line is complete: an answer is one line, so
+        nothing is generated past it. The KV cache stays on (transformers' default).
+        """
         self.model.eval()
         self.tokenizer.padding_side = "left"
-        out: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(
-                prompts[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        out = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer.pad(
+                {"input_ids": [encoded[i] for i in rows]}, return_tensors="pt"
             ).to(self.device)
-            generated = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+            width = batch["input_ids"].shape[1]
+            autocast = (
+                torch.autocast(self.device.type, dtype=torch.bfloat16)
+                if self.autocast_bf16
+                else contextlib.nullcontext()
             )
-            new = generated[:, batch["input_ids"].shape[1] :]
-            out.extend(
-                t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            )
+            with autocast:
+                generated = self.model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    stopping_criteria=StoppingCriteriaList([_FirstLineDone(self.tokenizer, width)]),
+                )
+            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
+                out[i] = first_line(text)
         return out
 
     def answer_token_logprobs(
