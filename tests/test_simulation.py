@@ -78,7 +78,7 @@ def _config(tiny_models, sim_root, tmp_path, **extra):
         "generator-model": tiny_models["generator"],
         "output-dir": str(tmp_path / "out"),
         "chunk-tokens": 32, "chunk-overlap": 4, "top-k": 2, "lsr-k": 3,
-        "local-steps": 2, "batch-size": 2, "max-new-tokens": 4, "eval-limit": 3,
+        "local-steps": 8, "batch-size": 2, "max-new-tokens": 4, "eval-limit": 3,
         "num-server-rounds": 2, "min-nodes": 2, "mode": "both", "max-seq-len": 320,
         "query-question": "What does the canary protocol stand for?",
     }  # fmt: skip
@@ -125,14 +125,15 @@ def test_flwr_run_two_rounds_then_resume_and_no_canary_leaves_its_site(
     assert len(errors) == 2 and all(r["error-code"] == CODES["data-error"] for r in errors)
     ok = [r for r in train_rows if "error" not in r]
     assert len(ok) == 4 and all(r["bytes-up"] > 0 and "train-loss" in r for r in ok)
-    # client-a's overlong pair, each round: 1 LSR pair and its 2 RALT examples (top-k=2)
+    # client-a's overlong pair, each round: 1 LSR pair and its 2 RALT examples (top-k=2); a
+    # round of 8 steps x batch 2 prepares every pair (a round prepares only what it trains)
     assert sum(r["skipped-examples"] for r in ok) == 6
     defaults = Settings()  # client-lr-scale=linear: 3 clients sampled, so 3x the configured lrs
     assert all(r["gen-lr"] == pytest.approx(3 * defaults.gen_lr) for r in ok)
     assert all(r["ret-lr"] == pytest.approx(3 * defaults.ret_lr) for r in ok)
     # each SuperNode's context.state carried its AdamW moments from round 1 into round 2
-    assert sorted(r["gen-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
-    assert sorted(r["ret-optimizer-steps"] for r in ok) == [2, 2, 4, 4]
+    assert sorted(r["gen-optimizer-steps"] for r in ok) == [8, 8, 16, 16]
+    assert sorted(r["ret-optimizer-steps"] for r in ok) == [8, 8, 16, 16]
     assert (run / "history.csv").exists() and (run / "history.png").stat().st_size > 0
 
     # what a user does next: a report of the run and an export for serving (both canary-checked)
