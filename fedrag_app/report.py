@@ -84,16 +84,23 @@ def render(run: TrainedRun) -> str:
     ]
     if agg:
         first, last = agg[min(agg)], agg[max(agg)]
+        shown = [("base (round 0)" if first["round"] == 0 else "first evaluated", first)]
+        shown = (shown if first is not last else []) + [("final", last)]
         parts += [
             "<h2>Base against final (all sites)</h2>",
             _table(
                 ["", "round", *[m[1] for m in METRICS]],
                 [
                     [label, r["round"], *[_fmt(r.get(k), d) for k, _, d in METRICS]]
-                    for label, r in (("first evaluated", first), ("final", last))
+                    for label, r in shown
                 ],
             ),
         ]
+        if 0 not in agg:
+            parts.append(
+                "<p>The base system (round 0) was not evaluated in this run (evaluate-every = "
+                f"{s.evaluate_every}); `fedrag eval` on the same data gives it.</p>"
+            )
     parts += ["<h2>Per round</h2>", _png(History(rows).figure()), _png(_stage_seconds(rows))]
     head = ["round", "stage", "site", *[m[1] for m in METRICS], "train loss", "epsilon",
             "MB up", "MB down", "seconds", "note"]  # fmt: skip

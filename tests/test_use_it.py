@@ -205,3 +205,17 @@ def test_the_core_path_never_imports_the_bridges():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_report_of_a_run_evaluated_only_at_the_end_says_the_base_is_missing(tmp_path):
+    from fedrag_app.report import render
+    from fedrag_app.trained import TrainedRun
+
+    rows = [
+        {"round": r, "stage": "train", "client": c, "train-loss": 1.0 / r, "bytes-up": 1e6}
+        for r in (1, 2) for c in ("aggregated", "partition-0")
+    ] + [{"round": 2, "stage": "evaluate", "client": "aggregated", "em": 40.0, "f1": 50.0}]  # fmt: skip
+    (tmp_path / "history.json").write_text(json.dumps(rows))
+    page = render(TrainedRun(tmp_path, tmp_path, "federated", Settings(evaluate_every=0)))
+    assert "first evaluated" not in page and "base system (round 0) was not evaluated" in page
+    assert "<tr><td>final</td><td>2</td><td>40.0</td><td>50.0</td>" in page
