@@ -45,7 +45,7 @@ def examples(n: int):
     return ralt_examples(pairs, hits, 3)[:n]
 
 
-def run(impl: str, steps: int, batch: int, bf16: bool) -> dict:
+def run(impl: str, steps: int, batch: int, bf16: bool, checkpointing: bool = False) -> dict:
     import torch
 
     from fedrag_app.config import Settings
@@ -55,7 +55,7 @@ def run(impl: str, steps: int, batch: int, bf16: bool) -> dict:
 
     torch.manual_seed(0)
     data = examples(steps * batch)
-    generator = build_generator(Settings())
+    generator = build_generator(Settings(gradient_checkpointing=checkpointing))
     loss_fn = RaltLoss(generator, MAX_LEN)
     if impl == "ours":
         batches = length_grouped_batches(data, loss_fn.length, batch, random.Random(0))
@@ -120,9 +120,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="ours only")
     args = parser.parse_args()
     if args.impl:
-        print(json.dumps(run(args.impl, args.steps, args.batch, args.bf16)))
+        print(json.dumps(run(args.impl, args.steps, args.batch, args.bf16,
+                             args.gradient_checkpointing)))  # fmt: skip
         return
     results = {}
     for impl in ("baseline", "fair", "ours"):

@@ -63,6 +63,7 @@ class Settings:
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
     seed: int = 0
     raft_p: float = 0.0
     raft_distractors: int = 2
@@ -135,6 +136,11 @@ class Settings:
             raise ValueError(
                 "config key 'proximal-mu' must be 0 with dp = 'record' (DP-SGD clips "
                 "per-example gradients; the proximal term has none)"
+            )
+        if self.dp == "record" and self.gradient_checkpointing:
+            raise ValueError(
+                "config key 'gradient-checkpointing' must be false with dp = 'record' (Opacus's "
+                "per-example gradients would see every recomputed layer twice)"
             )
         if self.dp == "client" and self.strategy != "fedavg":
             raise ValueError(

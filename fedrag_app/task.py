@@ -57,6 +57,7 @@ def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator
         adapter=adapter,
         max_context_chars=s.max_context_chars,
         autocast_bf16=s.autocast_bf16,
+        gradient_checkpointing=s.gradient_checkpointing,
     )
 
 
@@ -315,6 +316,9 @@ def load_models(s: Settings, cache_key: object = None) -> tuple[Retriever, Gener
         s.lora_dropout,
         s.lora_targets,
         s.retriever_lora_r,
+        s.max_context_chars,
+        s.autocast_bf16,
+        s.gradient_checkpointing,
     )
     if key not in _MODELS:
         _MODELS.clear()

@@ -292,3 +292,23 @@ def test_prepared_batches_are_full_prepare_lazily_and_fail_when_nothing_fits():
     assert sorted(next(tiny)) == [1, 2, 3]  # fewer than one batch: one short batch
     with pytest.raises(ValueError, match="fits"):
         next(prepared_batches([7, 14], prepare, lambda x: x, 4, 8, random.Random(0)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_settings):
+    """Less memory for the same step: activations are recomputed in backward, not changed."""
+    ex = [Example("What does TCP stand for?", ("TCP is a protocol.",), "Transmission Control")]
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        generator = build_generator(tiny_settings.replace(gradient_checkpointing=on))
+        assert generator.model.is_gradient_checkpointing == on
+        torch.manual_seed(1)
+        loss, _ = RaltLoss(generator, 256)(ex)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in generator.trainable_parameters().items()})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    with pytest.raises(ValueError, match="gradient-checkpointing"):
+        tiny_settings.replace(gradient_checkpointing=True, dp="record")

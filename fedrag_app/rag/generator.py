@@ -69,6 +69,7 @@ class Generator:
         adapter: str | Path | None = None,
         max_context_chars: int = 700,
         autocast_bf16: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         path = resolve_model(model_ref)
         self.autocast_bf16 = autocast_bf16  # answers generated under bf16 autocast too
@@ -90,6 +91,8 @@ class Generator:
             )
             self.model = get_peft_model(base, config)
         self.model.to(self.device)
+        if gradient_checkpointing:  # training only: in eval mode nothing is recomputed
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self.max_context_chars = max_context_chars
         self.contexts_cut = 0  # contexts longer than max_context_chars, cut in prompts so far
         self.model_path = path
