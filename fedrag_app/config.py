@@ -75,6 +75,7 @@ class Settings:
     # Federation
     num_server_rounds: int = 6
     strategy: str = "fedavg"
+    lora_aggregation: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     evaluate_every: int = 1
@@ -110,6 +111,7 @@ class Settings:
             "client_lr_scale": ("linear", "sqrt", "none"),
             "strategy": STRATEGIES,
             "dp": ("none", "record", "client"),
+            "lora_aggregation": ("fedavg", "ffa"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

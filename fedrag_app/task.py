@@ -39,6 +39,7 @@ def build_retriever(s: Settings, query_dir: str | Path | None = None) -> Retriev
         context_model=s.context_model or s.retriever_model,
         device=s.device,
         lora_r=0 if query_dir else s.retriever_lora_r,
+        freeze_lora_a=s.lora_aggregation == "ffa",
     )
 
 
@@ -58,6 +59,7 @@ def build_generator(s: Settings, adapter: str | Path | None = None) -> Generator
         max_context_chars=s.max_context_chars,
         autocast_bf16=s.autocast_bf16,
         gradient_checkpointing=s.gradient_checkpointing,
+        freeze_lora_a=s.lora_aggregation == "ffa",
     )
 
 
@@ -319,6 +321,7 @@ def load_models(s: Settings, cache_key: object = None) -> tuple[Retriever, Gener
         s.max_context_chars,
         s.autocast_bf16,
         s.gradient_checkpointing,
+        s.lora_aggregation,
     )
     if key not in _MODELS:
         _MODELS.clear()

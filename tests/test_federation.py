@@ -252,3 +252,64 @@ def test_run_folder_checkpoint_and_resume(tmp_path):
     assert (run.path / "checkpoint" / "adapter").is_dir() and (run.path / "history.png").exists()
     with pytest.raises(FileNotFoundError, match="no run with a checkpoint"):
         RunFolder.create(str(tmp_path / "empty"), resume="last")
+
+
+def _lora_products(generator) -> dict[str, torch.Tensor]:
+    """Each adapted layer's B x A (what the LoRA adds to its weight), keyed by layer."""
+    params = dict(generator.model.named_parameters())
+    return {
+        name.replace(".lora_A.default.weight", ""): params[name.replace("lora_A", "lora_B")] @ p
+        for name, p in params.items()
+        if "lora_A" in name
+    }
+
+
+def test_ffa_lora_makes_fedavg_of_the_factors_exact(tiny_settings, toy_root):
+    """lora-aggregation=ffa: A is frozen and equal at every party, only B trains and travels,
+    so FedAvg of B gives exactly the mean of the sites' B x A; averaging both factors does not."""
+    from fedrag_app.data import resolve_clients
+    from fedrag_app.task import build_generator, build_retriever, train_local
+
+    clients = resolve_clients([toy_root / "client-a", toy_root / "client-b"])
+    for aggregation in ("ffa", "fedavg"):
+        s = tiny_settings.replace(lora_aggregation=aggregation, gen_lr=5e-2, local_steps=3)
+        sites = []
+        for seed, client in enumerate(clients):
+            torch.manual_seed(100 + seed)  # different RNG states, as on different machines
+            retriever, generator = build_retriever(s), build_generator(s)
+            a_before = {
+                k: p.clone() for k, p in generator.model.named_parameters() if "lora_A" in k
+            }
+            train_local([client], s.replace(seed=seed), retriever, generator, progress=False)
+            sites.append((generator, a_before, retriever))
+        (g1, a1, r1), (g2, a2, r2) = sites
+        sent = g1.trainable_state()
+        if aggregation == "ffa":
+            assert sent and all("lora_B" in k for k in sent)  # A never travels
+            assert all(torch.equal(a1[k], a2[k]) for k in a1)  # the same A at every party
+            assert all(torch.equal(p, a1[k]) for k, p in g1.model.named_parameters() if k in a1)
+            assert g1.base_fingerprint == g2.base_fingerprint
+            assert r1.base_fingerprint == r2.base_fingerprint
+            assert all("lora_B" in k for k in r1.trainable_state())
+        mean_of_products = {
+            k: (p1 + p2) / 2
+            for (k, p1), p2 in zip(
+                _lora_products(g1).items(), _lora_products(g2).values(), strict=True
+            )
+        }
+        params1, params2 = dict(g1.model.named_parameters()), dict(g2.model.named_parameters())
+        errors = []
+        for layer, target in mean_of_products.items():
+            a = (
+                params1[f"{layer}.lora_A.default.weight"]
+                + params2[f"{layer}.lora_A.default.weight"]
+            ) / 2
+            b = (
+                params1[f"{layer}.lora_B.default.weight"]
+                + params2[f"{layer}.lora_B.default.weight"]
+            ) / 2
+            errors.append(float((b @ a - target).abs().max() / target.abs().max().clamp(min=1e-12)))
+        if aggregation == "ffa":
+            assert max(errors) < 1e-6, errors
+        else:  # plain FedAvg of both factors: mean(B) mean(A) != mean(B A)
+            assert max(errors) > 1e-2, errors

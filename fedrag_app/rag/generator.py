@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from fedrag_app.rag.device import pick_device, pick_dtype
+from fedrag_app.rag.lora import share_frozen_a
 from fedrag_app.rag.models import resolve_model, weights_fingerprint
 from fedrag_app.rag.state import load_into
 
@@ -70,6 +71,7 @@ class Generator:
         max_context_chars: int = 700,
         autocast_bf16: bool = False,
         gradient_checkpointing: bool = False,
+        freeze_lora_a: bool = False,
     ) -> None:
         path = resolve_model(model_ref)
         self.autocast_bf16 = autocast_bf16  # answers generated under bf16 autocast too
@@ -90,6 +92,8 @@ class Generator:
                 task_type="CAUSAL_LM",
             )
             self.model = get_peft_model(base, config)
+        if freeze_lora_a:  # FFA-LoRA: a loaded adapter keeps its (shared) A
+            share_frozen_a(self.model, reinit=not adapter)
         self.model.to(self.device)
         if gradient_checkpointing:  # training only: in eval mode nothing is recomputed
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -97,7 +101,10 @@ class Generator:
         self.contexts_cut = 0  # contexts longer than max_context_chars, cut in prompts so far
         self.model_path = path
         # the frozen base weights, hashed once: the server and every site must share them
-        self.base_fingerprint = weights_fingerprint(dict(self.model.named_parameters()))
+        # with FFA the frozen A is part of what every party must share
+        self.base_fingerprint = weights_fingerprint(
+            dict(self.model.named_parameters()), skip="lora_B" if freeze_lora_a else "lora_"
+        )
 
     # ---- prompts -------------------------------------------------------------------------
     def prompt(self, question: str, contexts: list[str], max_chars: int | None = None) -> str:

@@ -13,6 +13,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from fedrag_app.rag.device import pick_device
+from fedrag_app.rag.lora import share_frozen_a
 from fedrag_app.rag.models import resolve_model, weights_fingerprint
 from fedrag_app.rag.state import load_into
 
@@ -24,6 +25,7 @@ class Retriever:
         context_model: str = "",
         device: str = "cpu",
         lora_r: int = 0,
+        freeze_lora_a: bool = False,
     ) -> None:
         self.device = pick_device(device)
         self.query_ref = query_model
@@ -55,12 +57,15 @@ class Retriever:
                     LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["query", "value"]),
                 ),
             )
+            if freeze_lora_a:  # FFA-LoRA (rag/lora.py)
+                share_frozen_a(self.query_encoder)
         # hashed before any training: the base both encoders start from
         self.base_fingerprint = weights_fingerprint(
             {
                 **{f"q.{k}": p for k, p in self.query_encoder.named_parameters()},
                 **{f"c.{k}": p for k, p in self.context_encoder.named_parameters()},
-            }
+            },
+            skip="lora_B" if freeze_lora_a and lora_r > 0 else "lora_",
         )
 
     @property
@@ -99,7 +104,7 @@ class Retriever:
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.query_encoder.named_parameters())
         if self.lora_r > 0:
-            return {k: p for k, p in params.items() if "lora_" in k}
+            return {k: p for k, p in params.items() if "lora_" in k and p.requires_grad}
         return params
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
