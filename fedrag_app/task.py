@@ -214,35 +214,43 @@ def train_local(
             loss = RaltLoss(generator, s.max_seq_len, per_example=s.dp == "record")
             unfit: set = set()
 
-            def examples(items: list[tuple[int, QAPair]]) -> list:
-                """The items' RALT / RAFT examples: one batched retrieval per store."""
+            per_pair = 1 if s.raft_p > 0 or s.dp == "record" else s.top_k
+
+            def examples(items: list[tuple]) -> list:
+                """RALT / RAFT examples of (store, pair, rank) items: one batched retrieval per
+                store. Plain RALT makes one example per (pair, retrieved rank), so an item is
+                one of them, and a window holds as many different questions as examples, as
+                when every example of the data set was shuffled."""
                 built = []
                 for i, store in enumerate(stores):
-                    mine = [p for j, p in items if j == i]
+                    mine = [(p, rank) for j, p, rank in items if j == i]
                     if not mine:
                         continue
+                    unique = list(dict.fromkeys(p for p, _ in mine))
                     k = s.top_k + s.raft_distractors + 2 if s.raft_p > 0 else s.top_k
-                    hits = store.search(retriever.encode_queries([p.question for p in mine]), k)
+                    found = store.search(retriever.encode_queries([p.question for p in unique]), k)
+                    hits = dict(zip(unique, found, strict=True))
                     if s.raft_p > 0:
-                        built += raft_examples(mine, hits, s.raft_p, s.raft_distractors, rng)
+                        built += raft_examples(unique, found, s.raft_p, s.raft_distractors, rng)
+                    elif s.dp == "record":  # one example per QA pair, the unit DP is about
+                        built += ralt_examples(unique, found, s.top_k, joint=True)
                     else:
-                        # DP: one example per QA pair, the unit the guarantee is about
-                        built += ralt_examples(mine, hits, s.top_k, joint=s.dp == "record")
+                        for p, rank in mine:
+                            if rank < len(hits[p]):
+                                built += ralt_examples([p], [hits[p][rank : rank + 1]], 1)
                 keep = [e for e in built if loss.fits(e)]
                 unfit.update(set(built) - set(keep))
                 return keep
 
+            items = [(i, p, rank) for i, p in pairs for rank in range(per_pair)]
             dp = None
             if s.dp == "record":
                 dp = _dp_settings(s, len(pairs), federated=server_round > 0)
                 privacy = privacy or PrivacyLedger(s.dp_delta)
                 privacy.plan(dp, s.local_steps)  # refuse before training, not after
-                batches = poisson_batches(pairs, dp.sample_rate, rng, examples)
+                batches = poisson_batches(items, dp.sample_rate, rng, examples)
             else:
-                per_pair = 1 if s.raft_p > 0 else s.top_k
-                batches = prepared_batches(
-                    pairs, examples, loss.length, s.batch_size, max(1, window // per_pair), rng
-                )
+                batches = prepared_batches(items, examples, loss.length, s.batch_size, window, rng)
             res = run_loop(
                 _prefixed("gen.", generator.trainable_parameters()),
                 batches,
