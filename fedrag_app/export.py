@@ -18,7 +18,7 @@ from pathlib import Path
 from fedrag_app.atomic import atomic_text, fsync_dir, fsync_tree
 from fedrag_app.rag.generator import SYSTEM_PROMPT
 from fedrag_app.rag.models import weights_fingerprint
-from fedrag_app.trained import TrainedRun, load_models, merged_generator, open_run
+from fedrag_app.trained import TrainedRun, build_models, merged_generator, open_run
 
 MARKER = "fedrag-export.json"  # marks a folder this command wrote, so --overwrite may replace it
 
@@ -28,7 +28,7 @@ def export(run_folder: str | Path, out: str | Path, overwrite: bool = False, **o
     out = Path(out).expanduser().resolve()
     _check_out(out, overwrite)
     run = open_run(run_folder, **overrides)
-    retriever, generator = load_models(run)
+    retriever, generator = build_models(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     tmp.chmod(0o755)

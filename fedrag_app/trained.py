@@ -77,8 +77,9 @@ def _read(file: Path, default: Any) -> Any:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
 
 
-def load_models(run: TrainedRun):
-    """The run's retriever (fine-tuned query encoder, base context encoder) and generator."""
+def build_models(run: TrainedRun):
+    """The run's retriever (fine-tuned query encoder, base context encoder) and generator, built
+    fresh (task.load_models is the ClientApp's cached twin, keyed on base settings)."""
     from fedrag_app.task import build_generator, build_retriever
 
     return build_retriever(run.settings, run.query_encoder), build_generator(
