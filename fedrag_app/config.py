@@ -70,6 +70,7 @@ class Settings:
     lsr_k: int = 4
     lsr_gamma: float = 0.05
     lsr_tau: float = 1.0
+    lsr_target: str = "sum"
     proximal_mu: float = 0.0
     eval_limit: int = 50
     # Federation
@@ -112,6 +113,7 @@ class Settings:
             "strategy": STRATEGIES,
             "dp": ("none", "record", "client"),
             "lora_aggregation": ("fedavg", "ffa"),
+            "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

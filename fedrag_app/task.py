@@ -188,7 +188,14 @@ def train_local(
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
-                retriever, generator, stores, s.lsr_k, s.lsr_gamma, s.lsr_tau, s.max_seq_len
+                retriever,
+                generator,
+                stores,
+                s.lsr_k,
+                s.lsr_gamma,
+                s.lsr_tau,
+                s.max_seq_len,
+                target=s.lsr_target,
             )
             too_long: set = set()
 

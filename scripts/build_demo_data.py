@@ -111,15 +111,20 @@ def jargon_qa(title: str, text: str) -> list[tuple[str, str]]:
     return [(f"In hacker jargon, which term means: {first}?", title)]
 
 
-def build(client: str, docs: list[dict], qa_of, rng: random.Random) -> None:
+def build(
+    client: str, docs: list[dict], qa_of, rng: random.Random, out: Path = OUT
+) -> None:
+    """Write out/client/{corpus,train,eval}.jsonl; ``qa_of(doc)`` gives (question, answer or
+    answers) pairs, kept when the first answer is short and appears verbatim in the doc."""
     candidates = []
     for doc in docs:
         for question, answer in qa_of(doc):
+            answers = [answer] if isinstance(answer, str) else list(answer)
             if (
-                answer.lower() in f"{doc['title']}: {doc['text']}".lower()
-                and len(answer.split()) <= 8
+                answers[0].lower() in f"{doc['title']}: {doc['text']}".lower()
+                and len(answers[0].split()) <= 8
             ):
-                candidates.append({"question": question, "answers": [answer], "doc_id": doc["id"]})
+                candidates.append({"question": question, "answers": answers, "doc_id": doc["id"]})
     by_q: dict[str, dict] = {}
     for c in candidates:
         by_q.setdefault(c["question"], c)  # a question asked of two docs keeps the first
@@ -144,7 +149,7 @@ def build(client: str, docs: list[dict], qa_of, rng: random.Random) -> None:
     corpus = [
         {k: v for k, v in d.items() if not k.startswith("_")} for d in docs if d["id"] in keep
     ]
-    folder = OUT / client
+    folder = out / client
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("corpus", corpus), ("train", train), ("eval", evaluation)):
         payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()

@@ -238,6 +238,22 @@ def test_answer_only_loss_matches_the_plain_full_sequence_computation(tiny_setti
         assert torch.allclose(batch_scores, single, atol=1e-4)  # left padding changes nothing
 
 
+def test_lsr_per_token_target_divides_by_each_answers_length(tiny_settings):
+    """lsr-target = mean scores a candidate by log p(answer) per answer token (Atlas), so a long
+    answer does not make the LM's preference one-hot; sum keeps the summed likelihood."""
+    generator = build_generator(tiny_settings)
+    encoded = [
+        generator.encode_example("What does TCP stand for?", ["TCP: Transmission Control Protocol."], "Transmission Control Protocol"),
+        generator.encode_example("Who?", ["Ana wrote it."], "Ana"),
+    ]  # fmt: skip
+    lengths = torch.tensor([sum(label != IGNORE for label in labels) for _, labels in encoded])
+    assert lengths[0] > lengths[1] > 0
+    summed = generator.encoded_logprobs(encoded)
+    per_token = generator.encoded_logprobs(encoded, mean=True)
+    assert torch.allclose(per_token * lengths, summed, atol=1e-5)
+    assert not torch.allclose(per_token, summed)
+
+
 @pytest.mark.parametrize("mode", ["both", "generator"])
 def test_a_round_prepares_only_what_its_steps_train(tiny_settings, tmp_path, monkeypatch, mode):
     """A site with 40x the QA pairs retrieves and tokenizes as much per round as a small one:

@@ -2,7 +2,11 @@
 
 p_R = softmax(sim(q, c) / gamma) over the top-k candidates, where q comes from the trainable
 query encoder WITH gradients and c are the store's frozen context embeddings; p_LM =
-softmax(log p_gen(answer | c, question) / tau) from the generator without gradients;
+softmax(s(c) / tau) from the generator without gradients, where s(c) is log p_gen(answer | c,
+question) summed over the answer's tokens (``lsr-target = sum``: at tau = 1, p_LM is the
+likelihood normalised over the candidates, as in REPLUG) or averaged per token (``mean``: Atlas's
+perplexity distillation; a long answer's summed log-likelihood makes the summed target nearly
+one-hot, the per-token one stays graded);
 loss = KL(p_LM || p_R). Gradients reach the query encoder only; the store is never re-indexed.
 """
 
@@ -27,11 +31,13 @@ class LsrLoss:
         gamma: float,
         tau: float,
         max_len: int = 640,
+        target: str = "sum",
     ) -> None:
         self.retriever = retriever
         self.generator = generator
         self.stores = stores
         self.k, self.gamma, self.tau, self.max_len = k, gamma, tau, max_len
+        self.per_token = target == "mean"
         self.skipped = 0  # pairs left out because a candidate did not fit max-seq-len
 
     def __call__(self, batch: list[tuple[int, QAPair]]) -> tuple[torch.Tensor, int]:
@@ -70,7 +76,8 @@ class LsrLoss:
         c = torch.from_numpy(np.stack(contexts)).to(q.device)  # (B, K, D), frozen
         q = q[rows]
         log_p_r = torch.log_softmax(torch.einsum("bd,bkd->bk", q.float(), c) / self.gamma, dim=-1)
-        lm = self.generator.encoded_logprobs(encoded).view(len(rows), self.k)
+        lm = self.generator.encoded_logprobs(encoded, mean=self.per_token)
+        lm = lm.view(len(rows), self.k)
         log_p_lm = torch.log_softmax(lm.to(q.device) / self.tau, dim=-1)
         loss = torch.nn.functional.kl_div(log_p_r, log_p_lm, reduction="batchmean", log_target=True)
         return loss, tokens

@@ -226,13 +226,15 @@ class Generator:
 
     @torch.no_grad()
     def encoded_logprobs(
-        self, encoded: list[tuple[list[int], list[int]]], batch_size: int = 8
+        self, encoded: list[tuple[list[int], list[int]]], batch_size: int = 8, mean: bool = False
     ) -> torch.Tensor:
+        """log p(answer) summed over its tokens, or (``mean``) averaged per answer token."""
         self.model.eval()
         scores: list[torch.Tensor] = []
         for start in range(0, len(encoded), batch_size):
-            token_logp, _ = self.answer_token_logprobs(encoded[start : start + batch_size])
-            scores.append(token_logp.sum(dim=-1).cpu())
+            token_logp, valid = self.answer_token_logprobs(encoded[start : start + batch_size])
+            total = token_logp.sum(dim=-1)
+            scores.append((total / valid.sum(dim=-1).clamp(min=1) if mean else total).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 
     # ---- trainable state -----------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""LSR variants on one data root: recall@k and MRR on ALL eval questions before and after
+training the query encoder (mode = retriever, pooled train sets of the root's clients).
+
+Run: python benchmarks/lsr_sweep.py [--data ROOT] [--seeds 0 1 2] [--steps 60]
+         --variant today= --variant "new=lsr-target=mean lsr-k=8" [--out FILE.jsonl]
+
+One JSON line per (variant, seed) is appended to --out as soon as it is measured, so a long
+sweep that stops keeps what it measured; --summary FILE.jsonl prints the mean table. Retrieval
+only: no answers are generated (EM needs the generator; `fedrag train --mode both` measures it).
+The generator is frozen in retriever mode, so one copy serves every run; the query encoder's
+LoRA starts from each seed's own initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedrag_app.config import parse_overrides, settings_from
+from fedrag_app.data import resolve_clients
+from fedrag_app.evaluation import first_hit_rank
+from fedrag_app.finetune.loop import seed_everything
+from fedrag_app.task import build_generator, build_retriever, open_stores, train_local
+
+KS = (1, 3, 5, 10)
+
+
+def retrieval(clients, stores, retriever) -> dict:
+    """recall@k (%) for k in KS and MRR@10 over every eval question of every client."""
+    ranks = []
+    for client, store in zip(clients, stores, strict=True):
+        qa = client.qa("eval")
+        hits = store.search(retriever.encode_queries([p.question for p in qa]), max(KS))
+        ranks += [
+            first_hit_rank([h.text for h in hs], p.answers) for p, hs in zip(qa, hits, strict=True)
+        ]
+    r = np.array(ranks)
+    out = {f"recall@{k}": round(100 * float(((r > 0) & (r <= k)).mean()), 2) for k in KS}
+    out["mrr"] = round(float(np.where(r > 0, 1.0 / np.maximum(r, 1), 0).mean()), 4)
+    out["n"] = len(ranks)
+    return out
+
+
+def run(data: str, variant: str, overrides: str, seed: int, steps: int, generator) -> dict:
+    base = {"data-root": data, "mode": "retriever", "local-steps": steps, "seed": seed}
+    s = settings_from({**base, **parse_overrides([overrides])})
+    clients = resolve_clients([data]) if data else resolve_clients()
+    seed_everything(seed)
+    retriever = build_retriever(s)
+    with open_stores(clients, s, retriever, progress=False) as stores:
+        before = retrieval(clients, stores, retriever)
+    start = time.perf_counter()
+    train = train_local(clients, s, retriever, generator, progress=False)
+    seconds = time.perf_counter() - start
+    with open_stores(clients, s, retriever, progress=False) as stores:
+        after = retrieval(clients, stores, retriever)
+    return {
+        "data": data or "demo",
+        "variant": variant,
+        "overrides": overrides,
+        "seed": seed,
+        "steps": steps,
+        "before": before,
+        "after": after,
+        "train-seconds": round(seconds, 1),
+        "ret-loss": train.get("ret-loss"),
+        "skipped": train.get("skipped-examples"),
+    }
+
+
+def summary(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["data"], row["variant"], row["steps"]), []).append(row)
+    print("data | variant | seeds | recall@1 | recall@3 | recall@5 | recall@10 | MRR | s/run")
+    for (data, variant, steps), rs in groups.items():
+        cells = []
+        for key in [f"recall@{k}" for k in KS] + ["mrr"]:
+            b = statistics.mean(r["before"][key] for r in rs)
+            a = statistics.mean(r["after"][key] for r in rs)
+            fmt = "{:.3f}" if key == "mrr" else "{:.1f}"
+            per_seed = "/".join(fmt.format(r["after"][key]) for r in rs)
+            cells.append(f"{fmt.format(b)} -> {fmt.format(a)} ({per_seed})")
+        secs = statistics.mean(r["train-seconds"] for r in rs)
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        print(f"{Path(data).name} | {variant} ({steps} steps) | {seeds} | {' | '.join(cells)} | "
+              f"{secs:.0f}")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="", help="data root (default: the packaged demo)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--variant", action="append", default=[], help="NAME=overrides")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/lsr_sweep.jsonl"))
+    ap.add_argument("--summary", type=Path, help="print the table of a results file and stop")
+    args = ap.parse_args()
+    if args.summary:
+        summary(args.summary)
+        return 0
+    variants = [v.partition("=")[::2] for v in args.variant or ["today="]]
+    with tempfile.TemporaryDirectory() as stores:
+        generator = build_generator(settings_from({"store-dir": stores}))
+        for seed in args.seeds:
+            for name, overrides in variants:
+                extra = f"store-dir={shlex.quote(stores)} {overrides}"
+                row = run(args.data, name, extra, seed, args.steps, generator)
+                row["overrides"] = overrides
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    summary(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
