@@ -111,9 +111,7 @@ def jargon_qa(title: str, text: str) -> list[tuple[str, str]]:
     return [(f"In hacker jargon, which term means: {first}?", title)]
 
 
-def build(
-    client: str, docs: list[dict], qa_of, rng: random.Random, out: Path = OUT
-) -> None:
+def build(client: str, docs: list[dict], qa_of, rng: random.Random, out: Path = OUT) -> None:
     """Write out/client/{corpus,train,eval}.jsonl; ``qa_of(doc)`` gives (question, answer or
     answers) pairs, kept when the first answer is short and appears verbatim in the doc."""
     candidates = []
