@@ -3,6 +3,12 @@ training the query encoder (mode = retriever, pooled train sets of the root's cl
 
 Run: python benchmarks/lsr_sweep.py [--data ROOT] [--seeds 0 1 2] [--steps 60]
          --variant today= --variant "new=lsr-target=mean lsr-k=8" [--out FILE.jsonl]
+     python benchmarks/lsr_sweep.py [--data ROOT] --signal 4 8 16 [--questions 200]
+
+``--signal`` trains nothing: it asks, on the training questions, whether the LM's preference
+over the base retriever's top-k agrees with the gold (answer-containing) chunks better than the
+retriever's own ranking does. LSR can only teach what that preference knows, so this predicts in
+minutes what a 60-step run would find in half an hour.
 
 One JSON line per (variant, seed) is appended to --out as soon as it is measured, so a long
 sweep that stops keeps what it measured; --summary FILE.jsonl prints the mean table. Retrieval
@@ -22,10 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedrag_app.config import parse_overrides, settings_from
 from fedrag_app.data import resolve_clients
-from fedrag_app.evaluation import first_hit_rank
+from fedrag_app.evaluation import contains_answer, first_hit_rank
 from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.task import build_generator, build_retriever, open_stores, train_local
 
@@ -45,6 +52,68 @@ def retrieval(clients, stores, retriever) -> dict:
     out = {f"recall@{k}": round(100 * float(((r > 0) & (r <= k)).mean()), 2) for k in KS}
     out["mrr"] = round(float(np.where(r > 0, 1.0 / np.maximum(r, 1), 0).mean()), 4)
     out["n"] = len(ranks)
+    return out
+
+
+@torch.no_grad()
+def signal(data: str, ks: list[int], questions: int, generator) -> list[dict]:
+    """Agreement of the LM's preference (sum and mean targets) with gold, per candidate count k.
+
+    fix: of the questions whose retrieved top-1 lacks the answer but whose top-k holds it, the %
+    where the LM's top choice holds it (what LSR can repair); keep: of those whose top-1 holds
+    it, the % where the LM's top choice does too (what LSR must not break).
+    """
+    clients = resolve_clients([data]) if data else resolve_clients()
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        s = settings_from({**({"data-root": data} if data else {}), "store-dir": tmp})
+        retriever = build_retriever(s)
+        with open_stores(clients, s, retriever, progress=False) as stores:
+            for client, store in zip(clients, stores, strict=True):
+                qa = client.qa("train")
+                pick = rng.permutation(len(qa))[: questions // len(clients)]
+                qa = [qa[i] for i in pick]
+                hits = store.search(retriever.encode_queries([p.question for p in qa]), max(ks))
+                for pair, hs in zip(qa, hits, strict=True):
+                    enc = [
+                        generator.encode_example(pair.question, [h.text], pair.answers[0], 640)
+                        for h in hs
+                    ]
+                    logp, valid = generator.answer_token_logprobs(enc)
+                    total = logp.sum(-1).float().cpu().numpy()
+                    rows.append(
+                        {
+                            "gold": np.array([contains_answer(h.text, pair.answers) for h in hs]),
+                            "sum": total,
+                            "mean": total / valid.sum(-1).clamp(min=1).cpu().numpy(),
+                        }
+                    )
+    out = []
+    for k in ks:
+        for target in ("sum", "mean"):
+            fix, keep, mass = [], [], []
+            for r in rows:
+                gold, lm = r["gold"][:k], r[target][:k]
+                if not gold.any():
+                    continue
+                p = np.exp(lm - lm.max())
+                mass.append(float((p / p.sum())[gold].sum()))
+                (keep if gold[0] else fix).append(bool(gold[int(lm.argmax())]))
+            out.append(
+                {
+                    "data": data or "demo",
+                    "k": k,
+                    "target": target,
+                    "questions": len(rows),
+                    "gold-in-k": round(100 * np.mean([r["gold"][:k].any() for r in rows]), 1),
+                    "fix": round(100 * np.mean(fix), 1) if fix else None,
+                    "n-fix": len(fix),
+                    "keep": round(100 * np.mean(keep), 1) if keep else None,
+                    "n-keep": len(keep),
+                    "lm-mass-on-gold": round(float(np.mean(mass)), 3),
+                }
+            )
     return out
 
 
@@ -103,9 +172,18 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=overrides")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/lsr_sweep.jsonl"))
     ap.add_argument("--summary", type=Path, help="print the table of a results file and stop")
+    ap.add_argument(
+        "--signal", type=int, nargs="+", help="candidate counts k: measure, no training"
+    )
+    ap.add_argument("--questions", type=int, default=200, help="training questions for --signal")
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
+        return 0
+    if args.signal:
+        generator = build_generator(settings_from({}))
+        for row in signal(args.data, sorted(args.signal), args.questions, generator):
+            print(json.dumps(row), flush=True)
         return 0
     variants = [v.partition("=")[::2] for v in args.variant or ["today="]]
     with tempfile.TemporaryDirectory() as stores:
