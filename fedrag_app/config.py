@@ -53,6 +53,7 @@ class Settings:
     local_steps: int = 5
     batch_size: int = 4
     grad_accum: int = 1
+    micro_batch_tokens: int = 0
     gen_lr: float = 3e-3
     ret_lr: float = 1e-3
     warmup_ratio: float = 0.1
@@ -68,6 +69,7 @@ class Settings:
     raft_p: float = 0.0
     raft_distractors: int = 2
     lsr_k: int = 4
+    lsr_batch_size: int = 4
     lsr_gamma: float = 0.05
     lsr_tau: float = 1.0
     lsr_target: str = "sum"
@@ -171,11 +173,11 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "lora_r": (1, None, False), "lora_alpha": (0, None, True), "lora_dropout": (0, 1, False),
     "retriever_lora_r": (0, None, False),
     "local_steps": (0, None, False), "batch_size": (1, None, False),
-    "grad_accum": (1, None, False), "gen_lr": (0, None, True), "ret_lr": (0, None, True),
+    "grad_accum": (1, None, False), "micro_batch_tokens": (0, None, False), "gen_lr": (0, None, True), "ret_lr": (0, None, True),
     "warmup_ratio": (0, 1, False), "client_lr_scale_max": (1, None, False),
     "max_grad_norm": (0, None, True), "max_seq_len": (16, None, False),
     "raft_p": (0, 1, False), "raft_distractors": (0, None, False),
-    "lsr_k": (1, None, False), "lsr_gamma": (0, None, True), "lsr_tau": (0, None, True),
+    "lsr_k": (1, None, False), "lsr_batch_size": (1, None, False), "lsr_gamma": (0, None, True), "lsr_tau": (0, None, True),
     "proximal_mu": (0, None, False), "eval_limit": (0, None, False),
     "num_server_rounds": (0, None, False), "fraction_train": (0, 1, True),
     "fraction_evaluate": (0, 1, False), "evaluate_every": (0, None, False),

@@ -175,6 +175,7 @@ def train_local(
         warmup_ratio=s.warmup_ratio,
         max_grad_norm=s.max_grad_norm,
         grad_accum=s.grad_accum,
+        micro_batch_tokens=s.micro_batch_tokens,
         autocast_bf16=s.autocast_bf16,
         proximal_mu=s.proximal_mu,
         progress=progress,
@@ -184,7 +185,6 @@ def train_local(
             schedule_start=(server_round - 1) * s.local_steps,
             schedule_total=s.num_server_rounds * s.local_steps,
         )
-    window = _window(s)
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
@@ -206,7 +206,12 @@ def train_local(
                 return keep
 
             batches = prepared_batches(
-                pairs, fitting, lambda x: len(x[1].question), s.batch_size, window, rng
+                pairs,
+                fitting,
+                lambda x: len(x[1].question),
+                s.lsr_batch_size,
+                _window(s, s.lsr_batch_size),
+                rng,
             )
             res = run_loop(
                 _prefixed("ret.", retriever.trainable_parameters()),
@@ -257,6 +262,7 @@ def train_local(
                 privacy.plan(dp, s.local_steps)  # refuse before training, not after
                 batches = poisson_batches(items, dp.sample_rate, rng, examples)
             else:
+                window = _window(s, s.batch_size)
                 batches = prepared_batches(items, examples, loss.length, s.batch_size, window, rng)
             res = run_loop(
                 _prefixed("gen.", generator.trainable_parameters()),
@@ -290,10 +296,10 @@ def train_local(
     return metrics
 
 
-def _window(s: Settings) -> int:
+def _window(s: Settings, batch_size: int) -> int:
     """Examples prepared at a time: one round's (steps x accumulation x batch), capped so
     length grouping still sees a few dozen batches in a long centralized run."""
-    return min(s.local_steps * s.grad_accum * s.batch_size, 32 * s.batch_size)
+    return min(s.local_steps * s.grad_accum * batch_size, 32 * batch_size)
 
 
 def _dp_settings(s: Settings, examples: int, federated: bool) -> DpSettings:

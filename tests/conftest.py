@@ -130,6 +130,7 @@ def tiny_settings(tiny_models, tmp_path):
         chunk_overlap=4,
         top_k=2,
         lsr_k=3,
+        lsr_batch_size=2,
         local_steps=2,
         batch_size=2,
         max_new_tokens=4,

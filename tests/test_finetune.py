@@ -328,3 +328,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_settings):
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
     with pytest.raises(ValueError, match="gradient-checkpointing"):
         tiny_settings.replace(gradient_checkpointing=True, dp="record")
+
+
+def test_micro_batches_give_the_whole_batchs_gradient(tiny_settings):
+    """Pieces of a batch, each weighted by its share of the answer tokens: the same update as
+    the whole batch in one pass, so memory follows micro-batch-tokens and results do not."""
+    from fedrag_app.finetune.loop import micro_batches
+
+    batch = [
+        Example("What does TCP stand for?", ("TCP is a protocol " * 6,), "Transmission Control"),
+        Example(
+            "Who made Unix?", ("Unix came from Bell Labs.",), "Ken Thompson and Dennis Ritchie"
+        ),
+        Example("What is a byte?", ("Eight bits.",), "eight bits"),
+    ]
+    s = tiny_settings.replace(lora_dropout=0.0)  # dropout would draw other masks per piece
+    loss_fn = RaltLoss(build_generator(s), 256)
+    pieces = micro_batches(batch, loss_fn, max(loss_fn.length(e) for e in batch))
+    assert [len(p) for p, _ in pieces] == [1, 1, 1]
+    assert sum(share for _, share in pieces) == pytest.approx(1.0)
+    assert micro_batches(batch, loss_fn, 0) == [(batch, 1.0)]
+    finals = []
+    for budget in (0, 1):  # 1 token: every example a piece of its own
+        torch.manual_seed(0)
+        generator = build_generator(s)
+        loss_fn = RaltLoss(generator, 256)
+        res = run_loop(generator.trainable_parameters(), iter([batch] * 3), loss_fn,
+                       LoopSettings(steps=3, lr=1e-2, micro_batch_tokens=budget, progress=False))  # fmt: skip
+        finals.append((res, {k: v.clone() for k, v in generator.trainable_state().items()}))
+    (whole, w), (pieced, p) = finals
+    assert whole["loss"] == pytest.approx(pieced["loss"], rel=1e-5)
+    assert whole["tokens"] == pieced["tokens"]
+    for name in w:
+        assert torch.allclose(w[name], p[name], atol=1e-6), name
+    # and the test can fail: weighting each piece alike is NOT the batch's gradient
+    torch.manual_seed(0)
+    generator = build_generator(s)
+    loss_fn = RaltLoss(generator, 256)
+    loss_fn.weight = len  # type: ignore[method-assign]  # every piece 1/3: a mean of means
+    run_loop(generator.trainable_parameters(), iter([batch] * 3), loss_fn,
+             LoopSettings(steps=3, lr=1e-2, micro_batch_tokens=1, progress=False))  # fmt: skip
+    assert any(
+        not torch.allclose(w[k], v, atol=1e-6) for k, v in generator.trainable_state().items()
+    )

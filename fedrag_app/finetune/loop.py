@@ -28,6 +28,10 @@ class LoopSettings:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     grad_accum: int = 1
+    # > 0: a batch runs forward and backward in pieces of at most this many padded tokens,
+    # each weighted so that the summed gradient IS the whole batch's (memory grows with the
+    # tokens of one pass, not with the batch); losses without ``length``/``weight`` run whole
+    micro_batch_tokens: int = 0
     autocast_bf16: bool = False
     proximal_mu: float = 0.0
     progress: bool = True
@@ -94,6 +98,29 @@ def prepared_batches(
             yield batch
 
 
+def micro_batches(batch: list[T], loss_fn: object, max_tokens: int) -> list[tuple[list[T], float]]:
+    """``batch`` in consecutive pieces of at most ``max_tokens`` padded tokens (at least one
+    item each), with each piece's share of the batch's mean: ``loss_fn.weight(items)`` is what
+    its mean divides by (answer tokens, examples), ``loss_fn.length(item)`` an item's tokens.
+    The shares make sum(share x piece loss) exactly the whole batch's loss."""
+    length, weight = getattr(loss_fn, "length", None), getattr(loss_fn, "weight", None)
+    if max_tokens <= 0 or len(batch) < 2 or length is None or weight is None:
+        return [(batch, 1.0)]
+    pieces: list[list[T]] = [[]]
+    longest = 0
+    for item in batch:
+        n = length(item)
+        if pieces[-1] and (len(pieces[-1]) + 1) * max(longest, n) > max_tokens:
+            pieces.append([])
+            longest = 0
+        pieces[-1].append(item)
+        longest = max(longest, n)
+    if len(pieces) == 1:
+        return [(batch, 1.0)]
+    total = weight(batch)
+    return [(piece, weight(piece) / total) for piece in pieces]
+
+
 def run_loop(
     params: dict[str, torch.nn.Parameter],
     batches: Iterator[T],
@@ -156,15 +183,21 @@ def run_loop(
                 scale = [1 / cfg.grad_accum] * cfg.grad_accum
             step_loss = 0.0
             for part, weight in zip(parts, scale, strict=True):
-                with autocast:
-                    loss, n_tokens = loss_fn(part)
-                if anchor is not None:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True))
-                    loss = loss + cfg.proximal_mu / 2 * prox
-                # DP: per-example gradients, not divided by the chunk count (Opacus averages)
-                (loss if private is not None else loss / cfg.grad_accum).backward()
-                step_loss += loss.item() * weight
-                tokens += n_tokens
+                # DP: Opacus's own chunks (dp.micro_batch) above, never split here
+                budget = 0 if private is not None else cfg.micro_batch_tokens
+                for i, (piece, share) in enumerate(micro_batches(part, loss_fn, budget)):
+                    with autocast:
+                        loss, n_tokens = loss_fn(piece)
+                    loss = loss * share if share != 1.0 else loss
+                    if anchor is not None and i == 0:  # once per batch, whatever its pieces
+                        prox = sum(
+                            ((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True)
+                        )
+                        loss = loss + cfg.proximal_mu / 2 * prox
+                    # DP: per-example gradients, not divided by the chunk count (Opacus averages)
+                    (loss if private is not None else loss / cfg.grad_accum).backward()
+                    step_loss += loss.item() * weight
+                    tokens += n_tokens
             if private is not None:
                 private.step(sum(len(p) for p in parts))
             else:

@@ -14,7 +14,7 @@ import torch
 
 from fedrag_app.data import QAPair
 from fedrag_app.evaluation import contains_answer
-from fedrag_app.rag.generator import ExampleTooLong, Generator
+from fedrag_app.rag.generator import IGNORE, ExampleTooLong, Generator
 from fedrag_app.rag.store import Hit
 
 
@@ -93,6 +93,13 @@ class RaltLoss:
 
     def length(self, ex: Example) -> int:
         return len(self.encode(ex)[0])
+
+    def weight(self, batch: list[Example]) -> int:
+        """What the batch's mean loss divides by: answer tokens (examples when per-example),
+        so that the loop can split a batch into pieces without changing its gradient."""
+        if self.per_example:
+            return len(batch)
+        return sum(sum(y != IGNORE for y in self.encode(e)[1]) for e in batch)
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
         """Mean negative log-likelihood over answer tokens, and the real tokens processed."""

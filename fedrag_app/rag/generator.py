@@ -228,14 +228,19 @@ class Generator:
     def encoded_logprobs(
         self, encoded: list[tuple[list[int], list[int]]], batch_size: int = 8, mean: bool = False
     ) -> torch.Tensor:
-        """log p(answer) summed over its tokens, or (``mean``) averaged per answer token."""
+        """log p(answer) summed over its tokens, or (``mean``) averaged per answer token.
+
+        Scored in batches of similar lengths (candidates of one question differ most in their
+        chunk's length), so little of the work is padding; returned in the input's order."""
         self.model.eval()
-        scores: list[torch.Tensor] = []
-        for start in range(0, len(encoded), batch_size):
-            token_logp, valid = self.answer_token_logprobs(encoded[start : start + batch_size])
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        scores = torch.empty(len(encoded))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            token_logp, valid = self.answer_token_logprobs([encoded[i] for i in rows])
             total = token_logp.sum(dim=-1)
-            scores.append((total / valid.sum(dim=-1).clamp(min=1) if mean else total).cpu())
-        return torch.cat(scores) if scores else torch.empty(0)
+            scores[rows] = (total / valid.sum(dim=-1).clamp(min=1) if mean else total).float().cpu()
+        return scores
 
     # ---- trainable state -----------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
