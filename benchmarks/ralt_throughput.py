@@ -45,7 +45,9 @@ def examples(n: int):
     return ralt_examples(pairs, hits, 3)[:n]
 
 
-def run(impl: str, steps: int, batch: int, bf16: bool, checkpointing: bool = False) -> dict:
+def run(
+    impl: str, steps: int, batch: int, bf16: bool, checkpointing: bool = False, micro: int = 0
+) -> dict:
     import torch
 
     from fedrag_app.config import Settings
@@ -60,7 +62,8 @@ def run(impl: str, steps: int, batch: int, bf16: bool, checkpointing: bool = Fal
     if impl == "ours":
         batches = length_grouped_batches(data, loss_fn.length, batch, random.Random(0))
         res = run_loop(generator.trainable_parameters(), batches, loss_fn,
-                       LoopSettings(steps=steps, lr=3e-4, autocast_bf16=bf16, progress=False))  # fmt: skip
+                       LoopSettings(steps=steps, lr=3e-4, autocast_bf16=bf16, progress=False,
+                                    micro_batch_tokens=micro))  # fmt: skip
         tokens, seconds = res["tokens"], res["seconds"]
     else:
         from datasets import Dataset
@@ -121,10 +124,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="ours only")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="ours only (default: the app's default; 0 = whole batches)")  # fmt: skip
     args = parser.parse_args()
+    if args.micro_batch_tokens is None:
+        from fedrag_app.config import Settings
+
+        args.micro_batch_tokens = Settings().micro_batch_tokens
     if args.impl:
         print(json.dumps(run(args.impl, args.steps, args.batch, args.bf16,
-                             args.gradient_checkpointing)))  # fmt: skip
+                             args.gradient_checkpointing, args.micro_batch_tokens)))  # fmt: skip
         return
     results = {}
     for impl in ("baseline", "fair", "ours"):
@@ -137,6 +146,8 @@ def main() -> None:
             str(args.steps),
             "--batch",
             str(args.batch),
+            "--micro-batch-tokens",
+            str(args.micro_batch_tokens),
         ]
         out = subprocess.run(
             cmd + (["--bf16"] if args.bf16 else []), capture_output=True, text=True, check=True
@@ -144,6 +155,7 @@ def main() -> None:
         results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     peak = matmul_peak()
     print(f"machine: {peak / 1e9:.1f} GFLOP/s fp32 matmul peak ({torch_threads()} threads)")
+    print(f"ours: micro-batch-tokens={args.micro_batch_tokens} (0 = whole batches)")
     for r in results.values():
         mfu = r["tokens_per_s"] * 4 * r["weights"] / peak
         print(

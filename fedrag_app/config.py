@@ -53,7 +53,7 @@ class Settings:
     local_steps: int = 5
     batch_size: int = 4
     grad_accum: int = 1
-    micro_batch_tokens: int = 256
+    micro_batch_tokens: int = 384
     gen_lr: float = 3e-3
     ret_lr: float = 1e-3
     warmup_ratio: float = 0.1
