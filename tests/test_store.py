@@ -227,3 +227,46 @@ def test_on_a_server_only_stale_crashed_builds_are_deleted(tiny_settings, toy_ro
     assert stale not in names and live in names and len(names) == 2
     # the next check of an up-to-date store prunes too, without rebuilding
     assert store.build("fp2", lambda: [], retriever.encode_contexts, retriever.dim) is False
+
+
+def test_edge_store_answers_as_the_embedded_one_and_publishes_only_complete_builds(
+    tiny_settings, toy_root
+):
+    """store-mode=edge (Qdrant's Rust engine): the same chunks, order and scores as
+    qdrant-client's local mode, one process per folder, interrupted builds never published."""
+    from fedrag_app.rag.edge_store import EdgeStore  # make setup installs the [edge] extra
+
+    client = resolve_clients([toy_root / "client-a"])[0]
+    retriever = build_retriever(tiny_settings)
+    queries = retriever.encode_queries(["ASCII", "TCP", "Unix"])
+    with open_store(client, tiny_settings, retriever, progress=False) as store:
+        expected = store.search(queries, 4, with_vectors=True)
+    edge = tiny_settings.replace(store_mode="edge")
+    with open_store(client, edge, retriever, progress=False) as store:
+        assert isinstance(store, EdgeStore) and store.count() == 6
+        first = store.published()
+        got = store.search(queries, 4, with_vectors=True)
+        for want, have in zip(expected, got, strict=True):
+            assert [h.id for h in have] == [h.id for h in want]
+            assert [h.text for h in have] == [h.text for h in want]
+            assert [h.score for h in have] == pytest.approx([h.score for h in want], abs=1e-5)
+            assert all(h.vector.shape == (retriever.dim,) for h in have)
+        with pytest.raises(RuntimeError, match="another process"):
+            KnowledgeStore.open("client-a", "edge", tiny_settings.store_dir)
+    with open_store(client, edge, retriever, progress=False) as store:
+        assert store.published() == first  # same corpus + encoder: reused
+        with pytest.raises(KeyboardInterrupt):  # a build that dies halfway
+
+            def failing_embed(texts):
+                raise KeyboardInterrupt
+
+            store.build("other", lambda: chunk_documents(client.corpus(), retriever.tokenizer,
+                        32, 4), failing_embed, retriever.dim, progress=False)  # fmt: skip
+        assert store.published() == first and not store.is_current("other")
+        assert len(store.search(queries[:1], 2)[0]) == 2  # the old build still answers
+    folder = store.folder
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2  # the crashed build is left...
+    with open_store(client, tiny_settings.replace(store_mode="edge", chunk_tokens=16), retriever,
+                    progress=False) as store:  # fmt: skip
+        assert store.published() != first  # changed chunking: rebuilt
+        assert [p.name for p in folder.iterdir() if p.is_dir()] == [store.published()]  # ...pruned

@@ -80,6 +80,13 @@ def open_system(
     if not isinstance(store, KnowledgeStore):
         client = resolve_clients([store])[0]
         store = stack.enter_context(open_store(client, run.settings, retriever, progress=False))
+    if not isinstance(store, KnowledgeStore):  # an EdgeStore: no qdrant-client to hand over
+        stack.close()
+        raise ValueError(
+            "the LangChain and LlamaIndex bridges need a qdrant-client store (store-mode "
+            "embedded, memory or server); store-mode=edge has none: use fedrag query, or "
+            "index the site into an embedded folder too"
+        )
     collection = store.published()
     if collection is None:
         stack.close()

@@ -1,4 +1,5 @@
-"""Qdrant knowledge stores: embedded on disk (default), in memory, or a Qdrant server.
+"""Qdrant knowledge stores: embedded on disk (default), in memory, or a Qdrant server
+(``store-mode=edge``, Qdrant's embedded Rust engine, lives in ``edge_store.py``).
 
 A store is built into a collection of its own, ``<name>--<fingerprint>--<build id>`` (the
 fingerprint covers corpus digest, chunking and context encoder), and published by pointing the
@@ -78,6 +79,10 @@ class KnowledgeStore:
         url: str = "",
         api_key_env: str = "QDRANT_API_KEY",
     ) -> KnowledgeStore:
+        if mode == "edge":  # Qdrant's embedded Rust engine: same contract, own module
+            from fedrag_app.rag.edge_store import EdgeStore
+
+            return EdgeStore(Path(store_dir or default_store_dir()) / f"{name}.edge", name)  # type: ignore[return-value]
         if mode == "memory":
             client = QdrantClient(location=":memory:")
         elif mode == "embedded":
@@ -99,7 +104,9 @@ class KnowledgeStore:
             # The key is read from the environment only; it is never logged or written out.
             client = QdrantClient(url=url, api_key=os.environ.get(api_key_env) or None)
         else:
-            raise ValueError(f"unknown store mode {mode!r}: expected embedded, memory or server")
+            raise ValueError(
+                f"unknown store mode {mode!r}: expected embedded, edge, memory or server"
+            )
         return cls(client, name, exclusive=mode != "server")
 
     def __enter__(self) -> KnowledgeStore:
