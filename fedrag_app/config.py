@@ -69,7 +69,7 @@ class Settings:
     raft_p: float = 0.0
     raft_distractors: int = 2
     lsr_k: int = 4
-    lsr_batch_size: int = 4
+    lsr_batch_size: int = 16
     lsr_gamma: float = 0.05
     lsr_tau: float = 1.0
     lsr_target: str = "sum"
