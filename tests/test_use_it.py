@@ -149,6 +149,8 @@ def test_the_chains_answer_as_the_run_does(trained):
         responses = [engine.query(q) for q in QUESTIONS[:2]]
         assert [x.response for x in responses] == expected
         assert len(responses[0].source_nodes) == 3
+    with pytest.raises(ValueError, match="store-mode=edge"):  # refused before indexing anything
+        open_system(run, site, store_mode="edge")
 
 
 def test_export_is_plain_transformers_and_answers_as_base_plus_adapter(trained, tmp_path):

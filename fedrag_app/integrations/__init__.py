@@ -75,18 +75,17 @@ def open_system(
     from fedrag_app.task import build_retriever, open_store
 
     run = open_run(run_folder, **overrides)
+    if run.settings.store_mode == "edge" or type(store).__name__ == "EdgeStore":
+        raise ValueError(  # refused before anything is indexed: no qdrant-client to hand over
+            "the LangChain and LlamaIndex bridges need a qdrant-client store (store-mode "
+            "embedded, memory or server); store-mode=edge has none: use fedrag query, or "
+            "index the site into an embedded folder too"
+        )
     retriever = build_retriever(run.settings, run.query_encoder)
     stack = ExitStack()
     if not isinstance(store, KnowledgeStore):
         client = resolve_clients([store])[0]
         store = stack.enter_context(open_store(client, run.settings, retriever, progress=False))
-    if not isinstance(store, KnowledgeStore):  # an EdgeStore: no qdrant-client to hand over
-        stack.close()
-        raise ValueError(
-            "the LangChain and LlamaIndex bridges need a qdrant-client store (store-mode "
-            "embedded, memory or server); store-mode=edge has none: use fedrag query, or "
-            "index the site into an embedded folder too"
-        )
     collection = store.published()
     if collection is None:
         stack.close()

@@ -75,18 +75,19 @@ class EdgeStore:
         self.close()
 
     def close(self) -> None:
-        if self._shard is not None:
-            self._shard.close()
-            self._shard = None
-        if not self._lock.closed:
-            self._lock.close()  # releases the flock
+        try:
+            self._release_shard()
+        finally:
+            if not self._lock.closed:
+                self._lock.close()  # releases the flock
 
     def published(self) -> str | None:
         marker = self.folder / PUBLISHED
         if not marker.exists():
             return None
         build = marker.read_text().strip()
-        return build if (self.folder / build).is_dir() else None
+        ok = build and "/" not in build and (self.folder / build).is_dir()
+        return build if ok else None
 
     def is_current(self, fp: str) -> bool:
         target = self.published()
@@ -186,6 +187,7 @@ class EdgeStore:
                 query=qe.Query.Nearest(v.tolist()),
                 with_payload=True,
                 with_vector=with_vectors,
+                params=qe.SearchParams(exact=True),  # never an approximate index
             )
             for v in np.asarray(vectors, dtype=np.float32)
         ]
