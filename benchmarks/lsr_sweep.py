@@ -2,7 +2,7 @@
 training the query encoder (mode = retriever, pooled train sets of the root's clients).
 
 Run: python benchmarks/lsr_sweep.py [--data ROOT] [--seeds 0 1 2] [--steps 60]
-         --variant today= --variant "new=lsr-target=mean lsr-k=8" [--out FILE.jsonl]
+         --variant "before=lsr-batch-size=4" --variant new= [--out FILE.jsonl]
      python benchmarks/lsr_sweep.py [--data ROOT] --signal 4 8 16 [--questions 200]
 
 ``--signal`` trains nothing: it asks, on the training questions, whether the LM's preference
