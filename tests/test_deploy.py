@@ -124,7 +124,15 @@ def test_the_image_installs_the_versions_the_tests_ran_with():
         if "==" in line and not line.startswith("#")
     )
     pins = {k.lower(): v for k, v in pins.items()}
-    for pkg in ("flwr", "torch", "transformers", "peft", "sentence-transformers", "qdrant-client"):
+    for pkg in (
+        "flwr",
+        "torch",
+        "transformers",
+        "peft",
+        "sentence-transformers",
+        "qdrant-client",
+        "qdrant-edge-py",
+    ):  # store-mode=edge is a site option: the image has it
         assert pins[pkg] == version(pkg).split("+")[0], pkg
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "-c deploy/constraints.txt" in dockerfile and "\nUSER fedrag" in dockerfile
