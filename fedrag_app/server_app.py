@@ -13,14 +13,7 @@ from fedrag_app import task
 from fedrag_app.config import Settings, settings_from
 from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import (
-    ClientLrScaling,
-    EvaluateEvery,
-    Float32Global,
-    Recording,
-    RejectNonFinite,
-    make_strategy,
-)
+from fedrag_app.strategies import server_strategy
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ServerApp()
@@ -49,22 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     # every message names the base weights: a site whose own copy differs refuses to train
     base = ConfigRecord({"base-fingerprint": task.base_fingerprint(retriever, generator)})
     export = exporter(s, retriever, generator)
-    # Flower's strategy, wrapped as its DifferentialPrivacy* classes are: lrs scaled per round,
-    # float16 updates decoded onto the float32 global model, NaN/Inf replies dropped, every
-    # reply recorded, and evaluation only in the rounds due (evaluate-every)
-    strategy = EvaluateEvery(
-        Recording(
-            Float32Global(
-                RejectNonFinite(ClientLrScaling(make_strategy(s), s), run.history, run.start_round)
-            ),
-            run.history,
-            run.start_round,
-            nbytes(initial),
-        ),
-        s.evaluate_every,
-        s.num_server_rounds,
-        run.start_round,
-    )
+    strategy = server_strategy(s, run.history, run.start_round, nbytes(initial))
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 
     if run.start_round == 0:

@@ -40,6 +40,18 @@ def _common(s: Settings) -> dict:
     )
 
 
+def server_strategy(s: Settings, history: History, start_round: int, down: int) -> Strategy:
+    """The strategy the ServerApp runs: Flower's own (``make_strategy``), wrapped as its
+    ``DifferentialPrivacy*`` classes are: lrs scaled per round, NaN/Inf replies dropped, float16
+    updates decoded onto the float32 global model, every reply recorded, and evaluation only in
+    the rounds due (``evaluate-every``). ``down`` is the bytes sent to each client per round.
+    """
+    scaled = ClientLrScaling(make_strategy(s), s)
+    checked = Float32Global(RejectNonFinite(scaled, history, start_round))
+    recorded = Recording(checked, history, start_round, down)
+    return EvaluateEvery(recorded, s.evaluate_every, s.num_server_rounds, start_round)
+
+
 def make_strategy(s: Settings) -> Strategy:
     if s.dp == "client":  # every site's update clipped, Gaussian noise on the mean, accounted
         return ClientLevelDp(FedAvg(**_common(s), weighted_by_key=DP_WEIGHT), s)
@@ -150,18 +162,20 @@ class ClientLevelDp(StrategyWrapper):
             self.fedavg, z, s.dp_clip_norm, sampled, accountant=RdpAccountant(config)
         )
 
+    # ``inner`` stays the FedAvg, so outer wrappers read its attributes (``configrecord_key``);
+    # the train steps go through Flower's DP wrapper around it
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.wrapped is None:
             self.wrapped = self._build(grid)
-            self.inner = self.wrapped
         return self.wrapped.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        step = self.wrapped or self.inner  # no round configured yet: nothing to release
+        arrays, metrics = step.aggregate_train(server_round, replies)
         extra = {}
         if self.wrapped is not None:
             spent = self.wrapped.privacy_spent()

@@ -133,6 +133,29 @@ def test_client_level_dp_clips_each_site_adds_the_noise_and_accounts_epsilon():
     assert 0 < eps[0] < eps[1] == pytest.approx(direct.get_epsilon(1e-5))
 
 
+def test_the_servers_strategy_chain_runs_client_level_dp_with_scaled_lrs():
+    """The wrappers the ServerApp stacks on top of ClientLevelDp read FedAvg's attributes
+    (the lr scaling writes into its ``configrecord_key``): this broke every dp=client run."""
+    from conftest import inside_a_run
+
+    from fedrag_app.strategies import server_strategy
+
+    s = Settings(dp="client", dp_noise_multiplier=0.5, min_nodes=4, num_server_rounds=2)
+    history = History()
+    strategy = server_strategy(s, history, start_round=0, down=100)
+    inside_a_run()
+    current = ArrayRecord({"gen.w": Array(np.zeros(8, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, current, ConfigRecord(), _Grid(4)))
+    assert len(messages) == 4
+    factor = min(4, s.client_lr_scale_max)  # linear in the 4 sampled sites, capped
+    assert all(m.content["config"]["gen-lr"] == pytest.approx(s.gen_lr * factor) for m in messages)
+    replies = [_update_reply(n, np.full(8, 0.1)) for n in range(1, 5)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and np.isfinite(arrays["gen.w"].numpy()).all()
+    agg = next(r for r in history.rows if r["client"] == "aggregated")
+    assert agg["dp-client-epsilon"] > 0 and agg["dp-noise-multiplier"] == 0.5
+
+
 def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
     from conftest import inside_a_run
 
