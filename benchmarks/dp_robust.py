@@ -35,17 +35,16 @@ REFERENCE = ("fedavg clean", "no DP")
 
 
 def hostile_app_dir(root: Path) -> Path:
-    """A copy of the app whose ClientApp is attack_app:app (the real handlers plus the mod)."""
+    """A copy of the app whose ClientApp is attack_app:app (the real handlers plus the mod),
+    made afresh each time: a reused --work folder must not run an older copy of the code."""
     app = root / "hostile-app"
-    if not app.exists():
-        shutil.copytree(APP_DIR / "fedrag_app", app / "fedrag_app",
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-        shutil.copy(BENCH / "attack_app.py", app / "attack_app.py")
-        text = (APP_DIR / "pyproject.toml").read_text()
-        text = text.replace(
-            'clientapp = "fedrag_app.client_app:app"', 'clientapp = "attack_app:app"'
-        )
-        (app / "pyproject.toml").write_text(text)
+    shutil.rmtree(app, ignore_errors=True)
+    shutil.copytree(APP_DIR / "fedrag_app", app / "fedrag_app",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copy(BENCH / "attack_app.py", app / "attack_app.py")
+    text = (APP_DIR / "pyproject.toml").read_text()
+    text = text.replace('clientapp = "fedrag_app.client_app:app"', 'clientapp = "attack_app:app"')
+    (app / "pyproject.toml").write_text(text)
     return app
 
 
