@@ -144,6 +144,13 @@ class ClientLevelDp(StrategyWrapper):
         super().__init__(inner)
         self.settings, self.fedavg = s, inner
         self.wrapped: DifferentialPrivacyServerSideFixedClipping | None = None
+        # evaluate replies carry no dp-weight: their metrics are averaged by num-examples
+        self.evaluator = FedAvg(**_common(s))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.evaluator.aggregate_evaluate(server_round, replies)
 
     def _build(self, grid: Grid) -> DifferentialPrivacyServerSideFixedClipping:
         s = self.settings

@@ -154,6 +154,16 @@ def test_the_servers_strategy_chain_runs_client_level_dp_with_scaled_lrs():
     assert arrays is not None and np.isfinite(arrays["gen.w"].numpy()).all()
     agg = next(r for r in history.rows if r["client"] == "aggregated")
     assert agg["dp-client-epsilon"] > 0 and agg["dp-noise-multiplier"] == 0.5
+    # evaluate replies carry no dp-weight; their metrics are averaged by num-examples
+    assert list(strategy.configure_evaluate(2, current, ConfigRecord(), _Grid(4)))
+    evals = [_eval_reply(n, em=10.0 * n, n=n) for n in range(1, 5)]
+    metrics = strategy.aggregate_evaluate(2, evals)
+    assert metrics["em"] == pytest.approx(sum(10.0 * n * n for n in range(1, 5)) / 10)
+
+
+def _eval_reply(node: int, em: float, n: int) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": n, "em": em})})
+    return Message(content=content, metadata=_meta(node))
 
 
 def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
