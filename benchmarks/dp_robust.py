@@ -10,7 +10,7 @@ same short budget, so rows compare with each other, not with the README's 2-site
 The demo is split with `fedrag split` (Dirichlet alpha 0.5, seed 0). Hostile sites are the
 lowest partition ids, run by benchmarks/attack_app.py in a scratch copy of the app (the real
 app never loads it). Each finished row is appended to --out (JSON lines) as it completes, so
-an interrupted table keeps what it measured; rows already in --out are skipped.
+an interrupted table keeps what it measured; rows already completed in --out are skipped.
 """
 
 from __future__ import annotations
@@ -147,8 +147,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or BENCH / "results" / f"{args.table}-{args.clients}-sites.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = (
-        {json.loads(line)["row"] for line in out.read_text().splitlines()}
+    done = (  # a failed row is run again
+        {
+            row["row"]
+            for row in map(json.loads, out.read_text().splitlines())
+            if row.get("status") == "finished:completed"
+        }
         if out.exists()
         else set()
     )
