@@ -142,7 +142,7 @@ class ClientLevelDp(StrategyWrapper):
 
     def __init__(self, inner: FedAvg, s: Settings) -> None:
         super().__init__(inner)
-        self.settings, self.fedavg = s, inner
+        self.settings = s
         self.wrapped: DifferentialPrivacyServerSideFixedClipping | None = None
         # evaluate replies carry no dp-weight: their metrics are averaged by num-examples
         self.evaluator = FedAvg(**_common(s))
@@ -166,7 +166,7 @@ class ClientLevelDp(StrategyWrapper):
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
         )
         return DifferentialPrivacyServerSideFixedClipping(
-            self.fedavg, z, s.dp_clip_norm, sampled, accountant=RdpAccountant(config)
+            self.inner, z, s.dp_clip_norm, sampled, accountant=RdpAccountant(config)
         )
 
     # ``inner`` stays the FedAvg, so outer wrappers read its attributes (``configrecord_key``);

@@ -163,7 +163,7 @@ def test_the_servers_strategy_chain_runs_client_level_dp_with_scaled_lrs():
 
 def _eval_reply(node: int, em: float, n: int) -> Message:
     content = RecordDict({"metrics": MetricRecord({"num-examples": n, "em": em})})
-    return Message(content=content, metadata=_meta(node))
+    return Message(content=content, metadata=_meta(node, "evaluate"))
 
 
 def test_client_level_dp_derives_its_noise_from_the_target_epsilon():
