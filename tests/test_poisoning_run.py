@@ -23,9 +23,13 @@ def _bench():
     return module
 
 
-@pytest.mark.parametrize("strategy", ["fedmedian"])
+# Bulyan needs 4f+3 replies: 3 remain once the NaN site is dropped, so it runs with f = 0
+@pytest.mark.parametrize(
+    ("strategy", "malicious"),
+    [("fedmedian", 0), ("fedtrimmedavg", 0), ("krum", 1), ("multikrum", 1), ("bulyan", 0)],
+)
 def test_a_nan_site_is_rejected_and_a_robust_strategy_aggregates_the_rest(
-    strategy, tiny_models, tmp_path, monkeypatch
+    strategy, malicious, tiny_models, tmp_path, monkeypatch
 ):
     root = tmp_path / "data"
     for i in range(4):
@@ -40,6 +44,7 @@ def test_a_nan_site_is_rejected_and_a_robust_strategy_aggregates_the_rest(
         "chunk-tokens": 32, "chunk-overlap": 4, "top-k": 2, "local-steps": 1, "batch-size": 2,
         "max-new-tokens": 4, "eval-limit": 2, "num-server-rounds": 1, "min-nodes": 4,
         "fraction-evaluate": 0.0, "strategy": strategy, "max-seq-len": 320,
+        "num-malicious": malicious, "num-krum-selected": 2, "beta": 0.2,
     }  # fmt: skip
     result = run_simulation(config, num_supernodes=4, app_dir=app, log_file=tmp_path / "run.log",
                             site_policy={"store-path": str(tmp_path / "stores")})  # fmt: skip
