@@ -9,8 +9,9 @@ same short budget, so rows compare with each other, not with the README's 2-site
 
 The demo is split with `fedrag split` (Dirichlet alpha 0.5, seed 0). Hostile sites are the
 lowest partition ids, run by benchmarks/attack_app.py in a scratch copy of the app (the real
-app never loads it). Each finished row is appended to --out (JSON lines) as it completes, so
-an interrupted table keeps what it measured; rows already completed in --out are skipped.
+app never loads it). Each finished row is appended to --out (JSON lines) as it completes, with
+the git commit it ran at, so an interrupted table keeps what it measured; rows already
+completed in --out AT THIS COMMIT are skipped (a row from other code is measured again).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +60,21 @@ def split_demo(root: Path, clients: int) -> Path:
     return out
 
 
+def commit() -> str:
+    """The code a row ran: the checkout's short hash, '+dirty' with uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True,
+                              check=False).stdout.strip()  # fmt: skip
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    return head + (
+        "+dirty" if git("status", "--porcelain", "--", "fedrag_app", "benchmarks") else ""
+    )
+
+
 def final_metrics(run_dir: Path) -> dict:
     rows = json.loads((run_dir / "history.json").read_text())
     last = max(r["round"] for r in rows)
@@ -91,7 +108,8 @@ def run_row(name: str, config: dict, env: dict, clients: int, app: Path, work: P
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    row = {"row": name, "status": result.status, "seconds": round(time.perf_counter() - start)}
+    row = {"row": name, "status": result.status, "seconds": round(time.perf_counter() - start),
+           "commit": commit()}  # fmt: skip
     if result.ok and result.run_dir:
         row.update(final_metrics(result.run_dir))
     return row
@@ -119,13 +137,19 @@ def rows_for(table: str, args) -> list[tuple[str, dict, dict]]:
 
 
 def same_run_elsewhere(name: str, args, out: Path) -> dict | None:
-    """'no DP' is the poisoning table's 'fedavg clean' (same sites, budget, seed): reuse it."""
+    """'no DP' is the poisoning table's 'fedavg clean' (same sites, budget, seed, code): reuse it."""
     other = out.parent / f"poisoning-{args.clients}-sites.jsonl"
     if name != "no DP" or args.config or not other.exists():
         return None
     rows = [json.loads(line) for line in other.read_text().splitlines()]
     return next(
-        (r for r in rows if r["row"] == "fedavg clean" and r["status"] == "finished:completed"),
+        (
+            r
+            for r in rows
+            if r["row"] == "fedavg clean"
+            and r["status"] == "finished:completed"
+            and r.get("commit") == commit()
+        ),
         None,
     )
 
@@ -147,11 +171,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or BENCH / "results" / f"{args.table}-{args.clients}-sites.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = (  # a failed row is run again
+    here = commit()
+    done = (  # a failed row, or one measured on other code, is run again
         {
             row["row"]
             for row in map(json.loads, out.read_text().splitlines())
-            if row.get("status") == "finished:completed"
+            if row.get("status") == "finished:completed" and row.get("commit") == here
         }
         if out.exists()
         else set()
