@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -279,7 +280,10 @@ class RejectNonFinite(StrategyWrapper):
     One broken or hostile site must not turn the global model into NaN (a mean, a median and
     FedAdam's moments all propagate it). The round goes on with the other replies; each
     rejected node gets a history row (``rejected-non-finite`` = 1, no data) and the round's
-    aggregate counts them in ``rejected-replies``.
+    aggregate counts them in ``rejected-replies``. A Byzantine-robust strategy assumes at most
+    ``num_malicious_nodes`` hostile replies; each rejected one is among them, so the rest are
+    aggregated with that many fewer (Bulyan at exactly 4f+3 sites would otherwise skip every
+    round a NaN site answers: one broken site would stall the federation).
     """
 
     def __init__(self, inner: Strategy, history: History, offset: int) -> None:
@@ -299,9 +303,29 @@ class RejectNonFinite(StrategyWrapper):
                 )
                 continue
             kept.append(msg)
-        arrays, metrics = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
+        with fault_budget_spent(self.inner, rejected):
+            arrays, metrics = (
+                self.inner.aggregate_train(server_round, kept) if kept else (None, None)
+            )
         metrics = MetricRecord({**dict(metrics or {}), "rejected-replies": float(rejected)})
         return arrays, metrics
+
+
+@contextmanager
+def fault_budget_spent(strategy: Strategy, rejected: int) -> Iterator[None]:
+    """Lower Flower's ``num_malicious_nodes`` (Krum, MultiKrum, Bulyan) by ``rejected`` for
+    one aggregation, and restore it after."""
+    while isinstance(strategy, StrategyWrapper):
+        strategy = strategy.inner
+    assumed = getattr(strategy, "num_malicious_nodes", None)
+    if not rejected or assumed is None:
+        yield
+        return
+    strategy.num_malicious_nodes = max(0, assumed - rejected)
+    try:
+        yield
+    finally:
+        strategy.num_malicious_nodes = assumed
 
 
 def all_finite(record: ArrayRecord) -> bool:

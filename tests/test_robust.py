@@ -48,6 +48,26 @@ def test_a_round_where_every_reply_is_non_finite_keeps_the_model():
     assert metrics["rejected-replies"] == 2.0
 
 
+@pytest.mark.parametrize("name", ["bulyan", "krum", "multikrum"])
+def test_a_rejected_reply_counts_against_the_assumed_hostile_sites(name):
+    """Bulyan with f = 1 needs 7 replies: a NaN site among 7 leaves 6, which Flower's Bulyan
+    refuses (the model would never move). The rejected site is one of the f, so the other 6
+    are aggregated with f = 0, and the strategy's own f is back to 1 afterwards."""
+    s = Settings(strategy=name, num_malicious=1, num_krum_selected=3, min_nodes=7)
+    history = History()
+    strategy = RejectNonFinite(make_strategy(s), history, 0)
+    honest = [reply(i, 1.0 + 0.01 * i, 1) for i in range(1, 7)]
+    arrays, metrics = strategy.aggregate_train(1, [*honest, poisoned(7, np.nan)])
+    assert arrays is not None and metrics["rejected-replies"] == 1.0
+    assert np.all(np.abs(arrays["gen.w"].numpy() - 1.035) < 0.04)
+    assert strategy.inner.num_malicious_nodes == 1
+    if name == "bulyan":  # what Flower's Bulyan does with the 6 at f = 1
+        assert make_strategy(s).aggregate_train(1, honest)[0] is None
+    # with no reply rejected, f is untouched: Bulyan still refuses 6 replies
+    arrays, _ = strategy.aggregate_train(2, honest)
+    assert (arrays is None) == (name == "bulyan")
+
+
 @pytest.mark.parametrize(
     ("name", "cls"),
     [("fedmedian", FedMedian), ("krum", Krum), ("multikrum", MultiKrum), ("bulyan", Bulyan)],
