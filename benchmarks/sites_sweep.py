@@ -128,6 +128,7 @@ def main() -> int:
                         continue
                     config = {**common, **extra, "seed": seed}
                     scratch = work / f"{key[0].replace('/', '_')}-{n}-{seed}"
+                    scratch.mkdir(parents=True, exist_ok=True)  # a resumed sweep skips the row that made it
                     if name == "pooled":
                         row = pooled_row(root, config, scratch)
                     else:
