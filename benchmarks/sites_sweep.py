@@ -128,7 +128,8 @@ def main() -> int:
                         continue
                     config = {**common, **extra, "seed": seed}
                     scratch = work / f"{key[0].replace('/', '_')}-{n}-{seed}"
-                    scratch.mkdir(parents=True, exist_ok=True)  # a resumed sweep skips the row that made it
+                    # a resumed sweep may skip the row that used to make it
+                    scratch.mkdir(parents=True, exist_ok=True)
                     if name == "pooled":
                         row = pooled_row(root, config, scratch)
                     else:
