@@ -91,7 +91,7 @@ def summary(path: Path) -> None:
         pooled = [r["EM"] for r in groups.get((data, n, "pooled"), [])]
         gap = f"{statistics.mean(pooled) - em:+.1f}" if pooled and name != "pooled" else ""
         seeds = " / ".join(f"{r['EM']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
-        print(f"| {data} | {n} | {name} | {em:.1f} | {seeds} | {gap} |")
+        print(f"| {Path(data).name} | {n} | {name} | {em:.1f} | {seeds} | {gap} |")
 
 
 def main() -> int:
