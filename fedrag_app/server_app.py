@@ -13,7 +13,7 @@ from fedrag_app import task
 from fedrag_app.config import Settings, settings_from
 from fedrag_app.finetune.loop import seed_everything
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import server_strategy
+from fedrag_app.strategies import momentum_warning, server_strategy
 from fedrag_app.weights import nbytes, pack, unpack
 
 app = ServerApp()
@@ -43,6 +43,8 @@ def main(grid: Grid, context: Context) -> None:
     base = ConfigRecord({"base-fingerprint": task.base_fingerprint(retriever, generator)})
     export = exporter(s, retriever, generator)
     strategy = server_strategy(s, run.history, run.start_round, nbytes(initial))
+    if warning := momentum_warning(s):
+        log.warning(warning)
     print(f"fedrag: run folder {run.path}; {nbytes(initial) / 1e6:.2f} MB of weights per client")
 
     if run.start_round == 0:

@@ -17,10 +17,10 @@ from flwr.app import (
 from flwr.app.metadata import Metadata
 from flwr.serverapp.strategy import FedAvg
 
-from fedrag_app.config import STRATEGIES
+from fedrag_app.config import STRATEGIES, Settings
 from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import ClientLrScaling, Recording, make_strategy
+from fedrag_app.strategies import ClientLrScaling, Recording, make_strategy, momentum_warning
 from fedrag_app.weights import nbytes, pack, unpack
 
 
@@ -313,3 +313,21 @@ def test_ffa_lora_makes_fedavg_of_the_factors_exact(tiny_settings, toy_root):
             assert max(errors) < 1e-6, errors
         else:  # plain FedAvg of both factors: mean(B) mean(A) != mean(B A)
             assert max(errors) > 1e-2, errors
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        ({"strategy": "fedavgm", "server_momentum": 0.5}, True),
+        ({"strategy": "fedavgm", "server_momentum": 0.5, "keep_optimizer_state": False}, False),
+        ({"strategy": "fedavgm", "server_momentum": 0.0}, False),
+        ({"strategy": "fedadam"}, True),
+        ({"strategy": "fedavg"}, False),
+    ],
+)
+def test_server_momentum_over_kept_client_moments_is_warned_about(overrides, warned):
+    s = Settings().replace(**overrides)
+    message = momentum_warning(s)
+    assert (message is not None) == warned
+    if warned:
+        assert "keep-optimizer-state=false" in message
