@@ -59,16 +59,15 @@ def momentum_warning(s: Settings) -> str | None:
     AdamW moments and 50.8 for FedAvg; README, *More sites*): each client's first moment already
     carries the previous rounds' direction, and the server adds it again. A warning, not a
     refusal: one data set, one seed."""
-    server_momentum = (s.strategy == "fedavgm" and s.server_momentum > 0) or s.strategy in (
-        "fedadam",
-        "fedyogi",
+    momentum = s.strategy in ("fedadam", "fedyogi") or (
+        s.strategy == "fedavgm" and s.server_momentum > 0
     )
-    if not (server_momentum and s.keep_optimizer_state):
+    if not (momentum and s.keep_optimizer_state):
         return None
     return (
         f"strategy = {s.strategy!r} applies server momentum while clients keep their AdamW "
-        "moments (keep-optimizer-state = true): measured to collapse on the demo (README, "
-        "'More sites'); consider keep-optimizer-state=false"
+        "moments (keep-optimizer-state = true): FedAvgM and FedAdam collapsed so on the demo "
+        "(README, 'More sites'); consider keep-optimizer-state=false"
     )
 
 
