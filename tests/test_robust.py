@@ -160,7 +160,13 @@ def test_the_servers_strategy_chain_runs_client_level_dp_with_scaled_lrs():
 
     from fedrag_app.strategies import server_strategy
 
-    s = Settings(dp="client", dp_noise_multiplier=0.5, min_nodes=4, num_server_rounds=2)
+    s = Settings(
+        dp="client",
+        dp_noise_multiplier=0.5,
+        min_nodes=4,
+        num_server_rounds=2,
+        client_lr_scale="linear",
+    )
     history = History()
     strategy = server_strategy(s, history, start_round=0, down=100)
     inside_a_run()
