@@ -58,9 +58,9 @@ class Settings:
     ret_lr: float = 1e-3
     warmup_ratio: float = 0.1
     lr_schedule: str = "run"
-    client_lr_scale: str = "sqrt"
+    client_lr_scale: str = "linear"
     client_lr_scale_max: float = 4.0
-    keep_optimizer_state: bool = False
+    keep_optimizer_state: bool = True
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False

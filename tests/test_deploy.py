@@ -41,7 +41,7 @@ def test_tls_and_supernode_auth_on_loopback(tiny_models, toy_root, tmp_path):
         "top-k": 2, "lsr-k": 3, "local-steps": 1, "batch-size": 2, "max-new-tokens": 4,
         "eval-limit": 2, "num-server-rounds": 2, "min-nodes": 2, "round-timeout": 300,
         "max-seq-len": 320, "query-question": "What does the canary protocol stand for?",
-        "keep-optimizer-state": True,  # not the default: its carry-over across processes is checked
+        "keep-optimizer-state": True,  # (the default) its carry-over across processes is checked
     }  # fmt: skip
     data = tmp_path / "data"
     folders = [data / "client-a", data / "client-b"]

@@ -322,7 +322,7 @@ def test_ffa_lora_makes_fedavg_of_the_factors_exact(tiny_settings, toy_root):
         ({"strategy": "fedavgm", "server_momentum": 0.5, "keep_optimizer_state": False}, False),
         ({"strategy": "fedavgm", "server_momentum": 0.0}, False),
         ({"strategy": "fedadam", "keep_optimizer_state": True}, True),
-        ({"strategy": "fedadam"}, False),  # the default: fresh moments every round
+        ({"strategy": "fedadam"}, True),  # kept moments are the default
         ({"strategy": "fedavg"}, False),
     ],
 )
