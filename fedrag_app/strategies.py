@@ -220,8 +220,9 @@ class ClientLrScaling(StrategyWrapper):
     the lr with the batch (the linear-scaling rule) raised FedAvg's mean EM over 3 seeds from
     44.7 to 49.0 on the demo's 2 sites; sqrt (Adam's usual rule) did no better at 2 and 4 sites
     on two data sets (README, 'More sites'). The factor is capped at ``client-lr-scale-max``
-    (default 4; beyond it an Adam lr of 4 x 3e-3 is already large). n counts the clients SAMPLED this round: a client that then
-    fails still counted. Centralized training never passes through this.
+    (default 4; beyond it an Adam lr of 4 x 3e-3 is already large). n counts the clients
+    SAMPLED this round: a client that then fails still counted. Centralized training never
+    passes through this.
     """
 
     def __init__(self, inner: Strategy, s: Settings) -> None:
