@@ -16,6 +16,8 @@ Every row evaluates the same questions: every eval question of every site (eval-
 Run: python benchmarks/sites_sweep.py --data "" --data data/wordnet --sites 2,4,8 --seeds 0,1,2 \\
          --variant today= --variant "new=lora-aggregation=ffa gen-lr=6e-3" [--out FILE.jsonl]
      python benchmarks/sites_sweep.py --summary FILE.jsonl
+     python benchmarks/sites_sweep.py --pooled-only -c num-server-rounds=3 ...  # pooled at half
+         the budget: how many pooled steps a federated row is worth
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sites_sweep.jsonl"))
     ap.add_argument("--summary", type=Path, help="print the table of a results file and stop")
+    ap.add_argument("--pooled-only", action="store_true", help="no federated rows")
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
@@ -122,6 +125,7 @@ def main() -> int:
             root = split_root(data, n, work)
             for seed in (int(x) for x in args.seeds.split(",")):
                 jobs = [("pooled", {})] + [(k, parse_overrides([v])) for k, v in variants]
+                jobs = jobs[:1] if args.pooled_only else jobs
                 for name, extra in jobs:
                     key = (data or "demo", n, seed, name)
                     if key in done:

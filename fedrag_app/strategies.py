@@ -55,10 +55,10 @@ def server_strategy(s: Settings, history: History, start_round: int, down: int) 
 
 def momentum_warning(s: Settings) -> str | None:
     """Server momentum on top of clients that keep their AdamW moments collapsed on the demo
-    (4 sites, seed 0: FedAvgM 22.5-43.3 EM, FedAdam 23.3, against 53.8 for FedAvgM with fresh
-    AdamW moments and 50.8 for FedAvg; README, *More sites*): each client's first moment already
-    carries the previous rounds' direction, and the server adds it again. A warning, not a
-    refusal: one data set, one seed."""
+    (4 sites, seed 0: FedAvgM 22.5-43.3 EM, FedAdam 23.3, against 53.8 for FedAvgM and 51.7 for
+    FedAdam with fresh AdamW moments, 50.8 for FedAvg; README, *More sites*): each client's
+    first moment already carries the previous rounds' direction, and the server adds it again.
+    A warning, not a refusal: one data set, one seed."""
     momentum = s.strategy in ("fedadam", "fedyogi") or (
         s.strategy == "fedavgm" and s.server_momentum > 0
     )
