@@ -78,6 +78,9 @@ def federated_row(root: Path, config: dict, name: str, work: Path) -> dict:
         statistics.mean(r.get("bytes-up", 0.0) for r in train)
     )
     row["seconds per round"] = round((time.perf_counter() - start) / max(rounds, 1), 1)
+    errors = [r["lora-averaging-error-gen"] for r in history if "lora-averaging-error-gen" in r]
+    if errors:  # LoraAveragingError: what averaging A and B apart cost, per round
+        row["lora averaging error per round"] = [round(e, 4) for e in errors]
     return row
 
 

@@ -48,9 +48,15 @@ def server_strategy(s: Settings, history: History, start_round: int, down: int) 
     the rounds due (``evaluate-every``). ``down`` is the bytes sent to each client per round.
     """
     scaled = ClientLrScaling(make_strategy(s), s)
+    if s.dp != "client" and s.strategy in AVERAGING:
+        scaled = LoraAveragingError(scaled)
     checked = Float32Global(RejectNonFinite(scaled, history, start_round))
     recorded = Recording(checked, history, start_round, down)
     return EvaluateEvery(recorded, s.evaluate_every, s.num_server_rounds, start_round)
+
+
+# strategies whose aggregate starts from the example-weighted mean of the clients' weights
+AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 def momentum_warning(s: Settings) -> str | None:
@@ -243,6 +249,74 @@ class ClientLrScaling(StrategyWrapper):
             msg.content[self.inner.configrecord_key]["gen-lr"] = s.gen_lr * factor
             msg.content[self.inner.configrecord_key]["ret-lr"] = s.ret_lr * factor
         return messages
+
+
+class LoraAveragingError(StrategyWrapper):
+    """Measure, every round, what averaging LoRA factors separately costs: the aggregated
+    metric ``lora-averaging-error-gen`` (``-ret`` for the query encoder) is
+    ||mean(B_i) mean(A_i) - mean(B_i A_i)|| / ||mean(B_i A_i) - B A||, summed over the adapter's
+    layers, the means weighted by ``num-examples`` as FedAvg weighs them, B A the global
+    product sent that round. 0 means exact; FFA-LoRA (A never travels) reports nothing, being
+    exact by construction. It tells a federation whether exact LoRA aggregation could matter
+    before anyone pays for it. Numbers only: the aggregate itself is the inner strategy's.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = {k: a.numpy() for k, a in arrays.items() if ".lora_" in k}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        records = [m.content for m in replies if m.has_content() and "arrays" in m.content]
+        if len(records) < 2:
+            return arrays, metrics
+        sites = [{k: a.numpy() for k, a in c["arrays"].items()} for c in records]
+        weights = [float(c["metrics"].get("num-examples", 1.0)) for c in records]
+        errors = factor_averaging_error(sites, weights, self.sent)
+        if errors:
+            metrics = MetricRecord({**dict(metrics or {}), **errors})
+        return arrays, metrics
+
+
+def factor_averaging_error(
+    sites: list[dict[str, np.ndarray]], weights: list[float], sent: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Relative error of averaging A and B apart, per prefix (``gen``, ``ret``); see
+    ``LoraAveragingError``. Layers without both factors at every site are left out."""
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    err_sq: dict[str, float] = {}
+    upd_sq: dict[str, float] = {}
+    for key_a in sites[0]:
+        if ".lora_A." not in key_a:
+            continue
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        if not all(key_a in site and key_b in site for site in sites):
+            continue
+        a = [site[key_a].astype(np.float64) for site in sites]
+        b = [site[key_b].astype(np.float64) for site in sites]
+        exact = sum(wi * bi @ ai for wi, ai, bi in zip(w, a, b, strict=True))
+        apart = sum(wi * bi for wi, bi in zip(w, b, strict=True)) @ sum(
+            wi * ai for wi, ai in zip(w, a, strict=True)
+        )
+        before = 0.0
+        if key_a in sent and key_b in sent:
+            before = sent[key_b].astype(np.float64) @ sent[key_a].astype(np.float64)
+        prefix = key_a.split(".", 1)[0]
+        err_sq[prefix] = err_sq.get(prefix, 0.0) + float(np.sum((apart - exact) ** 2))
+        upd_sq[prefix] = upd_sq.get(prefix, 0.0) + float(np.sum((exact - before) ** 2))
+    return {
+        f"lora-averaging-error-{p}": math.sqrt(err_sq[p] / upd_sq[p]) if upd_sq[p] > 0 else 0.0
+        for p in err_sq
+    }
 
 
 class Float32Global(StrategyWrapper):

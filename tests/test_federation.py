@@ -20,7 +20,14 @@ from flwr.serverapp.strategy import FedAvg
 from fedrag_app.config import STRATEGIES, Settings
 from fedrag_app.history import History
 from fedrag_app.run_folder import RunFolder
-from fedrag_app.strategies import ClientLrScaling, Recording, make_strategy, momentum_warning
+from fedrag_app.strategies import (
+    ClientLrScaling,
+    Recording,
+    factor_averaging_error,
+    make_strategy,
+    momentum_warning,
+    server_strategy,
+)
 from fedrag_app.weights import nbytes, pack, unpack
 
 
@@ -332,3 +339,52 @@ def test_server_momentum_over_kept_client_moments_is_warned_about(overrides, war
     assert (message is not None) == warned
     if warned:
         assert "keep-optimizer-state=false" in message
+
+
+def _lora_reply(node: int, a: np.ndarray, b: np.ndarray, n: int) -> Message:
+    layer = "gen.layers.0.q_proj"
+    arrays = ArrayRecord(
+        {
+            f"{layer}.lora_A.default.weight": Array(a.astype(np.float32)),
+            f"{layer}.lora_B.default.weight": Array(b.astype(np.float32)),
+        }
+    )
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
+    return Message(content=content, metadata=_meta(node))
+
+
+def test_the_lora_averaging_error_is_measured_against_the_exact_mean_update():
+    """mean(B) mean(A) against mean(B A), relative to the round's exact update, weighted by
+    num-examples as FedAvg is; 0 when every site has the same A (FFA-LoRA's case)."""
+    rng = np.random.default_rng(0)
+    a1, a2 = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+    b1, b2 = rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    key = "gen.l.lora_A.default.weight"
+    site = lambda a, b: {key: a, key.replace("lora_A", "lora_B"): b}  # noqa: E731
+    sent = site(np.zeros((2, 5)), np.zeros((4, 2)))  # B = 0: the update is the product itself
+    w1, w2 = 1 / 4, 3 / 4
+    exact = w1 * b1 @ a1 + w2 * b2 @ a2
+    apart = (w1 * b1 + w2 * b2) @ (w1 * a1 + w2 * a2)
+    want = np.linalg.norm(apart - exact) / np.linalg.norm(exact)
+    got = factor_averaging_error([site(a1, b1), site(a2, b2)], [1, 3], sent)
+    assert got == {"lora-averaging-error-gen": pytest.approx(want)}
+    assert want > 0.1  # independent factors: far from exact
+    same_a = factor_averaging_error([site(a1, b1), site(a1, b2)], [1, 3], sent)
+    assert same_a["lora-averaging-error-gen"] < 1e-12
+
+
+@pytest.mark.parametrize(("strategy", "measured"), [("fedavg", True), ("fedmedian", False)])
+def test_the_server_records_the_lora_averaging_error_each_round(strategy, measured):
+    inside_a_run()
+    s = Settings(strategy=strategy, min_nodes=2)
+    history = History()
+    chain = server_strategy(s, history, start_round=0, down=100)
+    zero = _lora_reply(0, np.zeros((2, 5)), np.zeros((4, 2)), 1).content["arrays"]
+    list(chain.configure_train(1, zero, ConfigRecord(), _Grid()))
+    rng = np.random.default_rng(1)
+    replies = [_lora_reply(n, rng.normal(size=(2, 5)), rng.normal(size=(4, 2)), 10) for n in (1, 2)]
+    chain.aggregate_train(1, replies)
+    agg = next(r for r in history.rows if r["client"] == "aggregated")
+    assert ("lora-averaging-error-gen" in agg) == measured
+    if measured:
+        assert agg["lora-averaging-error-gen"] > 0.1
