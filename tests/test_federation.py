@@ -371,6 +371,10 @@ def test_the_lora_averaging_error_is_measured_against_the_exact_mean_update():
     assert want > 0.1  # independent factors: far from exact
     same_a = factor_averaging_error([site(a1, b1), site(a1, b2)], [1, 3], sent)
     assert same_a["lora-averaging-error-gen"] < 1e-12
+    ag, bg = rng.normal(size=(2, 5)), rng.normal(size=(4, 2))  # a later round: B A != 0
+    later = np.linalg.norm(apart - exact) / np.linalg.norm(exact - bg @ ag)
+    got = factor_averaging_error([site(a1, b1), site(a2, b2)], [1, 3], site(ag, bg))
+    assert got["lora-averaging-error-gen"] == pytest.approx(later)
 
 
 @pytest.mark.parametrize(("strategy", "measured"), [("fedavg", True), ("fedmedian", False)])
