@@ -1,11 +1,11 @@
 """Centralized vs federated on the same data and training budget.
 
 Rows: the base system; centralized training on the pooled data of all clients; federated
-training (`flwr run`, FedAvg); each client trained alone on its own data. Every row is evaluated
-on every client's eval set, once, after training (federated: `evaluate-every=0` unless -c
-sets it), so the pooled and federated wall times hold the same evaluation. Budget: R rounds x
-S local steps per client federated, so pooled centralized gets R x S x C steps and each lone
-client R x S steps (what it spends federated).
+training (`flwr run`, the configured strategy); each client trained alone on its own data.
+Every row is evaluated on every client's eval set, once, after training (federated:
+`evaluate-every=0` unless -c sets it), so the pooled and federated wall times hold the same
+evaluation. Budget: R rounds x S local steps per client federated, so pooled centralized gets
+R x S x C steps and each lone client R x S steps (what it spends federated).
 
 Seeds: the whole table runs once per seed (``--seeds 0,1,2`` by default, overriding a ``seed``
 in -c) and ends with the mean over seeds, because one seed's EM on 100 questions moves by
@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("-c", "--config", action="append", default=[])
     parser.add_argument("--out", default="benchmarks/results/compare.json")
     parser.add_argument(
-        "--strategies", default="fedavg", help="comma-separated: one federated row per strategy"
+        "--strategies",
+        default="",
+        help="comma-separated: one federated row per strategy (default: the config's strategy)",
     )
     parser.add_argument(
         "--seeds", default="0,1,2", help="comma-separated; the table adds the mean over seeds"
@@ -153,7 +155,7 @@ def main() -> None:
     overrides = parse_overrides(args.config)
     s = settings_from(overrides)
     seeds = [int(x) for x in args.seeds.split(",")]
-    strategies = args.strategies.split(",")
+    strategies = args.strategies.split(",") if args.strategies else [s.strategy]
     clients = resolve_clients([s.data_root] if s.data_root else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,7 @@ def main() -> None:
     if len(seeds) > 1:
         rows += mean_rows(rows, seeds)
 
-    result = {"config": s.to_config(), "strategies": args.strategies, "seeds": seeds}
+    result = {"config": s.to_config(), "strategies": ",".join(strategies), "seeds": seeds}
     out.write_text(json.dumps({**result, "rows": rows}, indent=2))
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
