@@ -114,7 +114,7 @@ class Settings:
             "client_lr_scale": ("linear", "sqrt", "none"),
             "strategy": STRATEGIES,
             "dp": ("none", "record", "client"),
-            "lora_aggregation": ("fedavg", "ffa"),
+            "lora_aggregation": ("fedavg", "ffa", "alternate"),
             "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():
@@ -147,6 +147,11 @@ class Settings:
             raise ValueError(
                 "config key 'gradient-checkpointing' must be false with dp = 'record' (Opacus's "
                 "per-example gradients would see every recomputed layer twice)"
+            )
+        if self.dp == "record" and self.lora_aggregation == "alternate":
+            raise ValueError(
+                "config key 'lora-aggregation' = 'alternate' is not supported with dp = 'record' "
+                "(Opacus's per-example gradients are untested with a factor frozen per round)"
             )
         if self.dp == "client" and self.strategy != "fedavg":
             raise ValueError(

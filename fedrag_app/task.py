@@ -25,6 +25,7 @@ from fedrag_app.finetune.privacy import DpSettings, PrivacyLedger, noise_multipl
 from fedrag_app.finetune.ralt import RaltLoss, raft_examples, ralt_examples
 from fedrag_app.rag.chunking import chunk_documents
 from fedrag_app.rag.generator import Generator, LoraSettings
+from fedrag_app.rag.lora import only_factor, trained_factor
 from fedrag_app.rag.retriever import Retriever
 from fedrag_app.rag.store import KnowledgeStore, fingerprint
 from fedrag_app.rag.system import RAGSystem
@@ -185,6 +186,7 @@ def train_local(
             schedule_start=(server_round - 1) * s.local_steps,
             schedule_total=s.num_server_rounds * s.local_steps,
         )
+    factor = trained_factor(s.lora_aggregation, server_round)  # alternate: one factor a round
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
@@ -213,13 +215,14 @@ def train_local(
                 _window(s, s.lsr_batch_size),
                 rng,
             )
-            res = run_loop(
-                _prefixed("ret.", retriever.trainable_parameters()),
-                batches,
-                loss,
-                LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
-                optimizer_state,
-            )
+            with only_factor(retriever.trainable_parameters(), factor) as params:
+                res = run_loop(
+                    _prefixed("ret.", params),
+                    batches,
+                    loss,
+                    LoopSettings(lr=s.ret_lr, desc="LSR (retriever)", **loop),
+                    optimizer_state,
+                )
             metrics.update({f"ret-{k.replace('_', '-')}": float(v) for k, v in res.items()})
             skipped += len(too_long) + loss.skipped
         if s.mode in ("generator", "both"):
@@ -264,14 +267,15 @@ def train_local(
             else:
                 window = _window(s, s.batch_size)
                 batches = prepared_batches(items, examples, loss.length, s.batch_size, window, rng)
-            res = run_loop(
-                _prefixed("gen.", generator.trainable_parameters()),
-                batches,
-                loss,
-                LoopSettings(lr=s.gen_lr, desc="RALT (generator)", dp=dp, **loop),
-                optimizer_state,
-                module=generator.model,
-            )
+            with only_factor(generator.trainable_parameters(), factor) as params:
+                res = run_loop(
+                    _prefixed("gen.", params),
+                    batches,
+                    loss,
+                    LoopSettings(lr=s.gen_lr, desc="RALT (generator)", dp=dp, **loop),
+                    optimizer_state,
+                    module=generator.model,
+                )
             metrics.update({f"gen-{k.replace('_', '-')}": float(v) for k, v in res.items()})
             skipped += len(unfit)
             if dp is not None and privacy is not None:

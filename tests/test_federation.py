@@ -322,6 +322,55 @@ def test_ffa_lora_makes_fedavg_of_the_factors_exact(tiny_settings, toy_root):
             assert max(errors) > 1e-2, errors
 
 
+def test_alternating_factors_make_fedavg_exact_and_train_both(tiny_settings, toy_root):
+    """lora-aggregation=alternate, mode=both: round 1 trains only B, round 2 only A (of the
+    generator and the query encoder), every site from the same global weights, so the mean of
+    the factors multiplies out to the mean of the sites' B x A in both rounds, and both factors
+    move over the two rounds; a centralized call (round 0) trains both at once."""
+    from fedrag_app.data import resolve_clients
+    from fedrag_app.rag.lora import trained_factor
+    from fedrag_app.task import build_generator, build_retriever, train_local
+
+    assert [trained_factor("alternate", r) for r in (0, 1, 2, 3)] == [
+        None, "lora_B", "lora_A", "lora_B"
+    ]  # fmt: skip
+    assert trained_factor("fedavg", 1) is None and trained_factor("ffa", 2) is None
+    s = tiny_settings.replace(lora_aggregation="alternate", mode="both", gen_lr=5e-2, ret_lr=5e-2)
+    clients = resolve_clients([toy_root / "client-a", toy_root / "client-b"])
+    torch.manual_seed(0)
+    global_gen, global_ret = (
+        build_generator(s).trainable_state(),
+        build_retriever(s).trainable_state(),
+    )
+    start = dict(global_gen)
+    for server_round, moved, kept in ((1, "lora_B", "lora_A"), (2, "lora_A", "lora_B")):
+        sites = []
+        for seed, client in enumerate(clients):
+            torch.manual_seed(100 + seed)
+            retriever, generator = build_retriever(s), build_generator(s)
+            generator.load_trainable_state(global_gen)
+            retriever.load_trainable_state(global_ret)
+            train_local([client], s.replace(seed=seed), retriever, generator, False, server_round)
+            gen, ret = generator.trainable_state(), retriever.trainable_state()
+            for state, before in ((gen, global_gen), (ret, global_ret)):
+                assert all(torch.equal(v, before[k]) for k, v in state.items() if kept in k)
+                assert any(not torch.equal(v, before[k]) for k, v in state.items() if moved in k)
+            assert all(p.requires_grad for p in generator.trainable_parameters().values())
+            sites.append(generator)
+        products = [_lora_products(g) for g in sites]
+        states = [g.trainable_state() for g in sites]
+        mean = {k: (states[0][k] + states[1][k]) / 2 for k in states[0]}
+        for layer, p1 in products[0].items():
+            target = (p1 + products[1][layer]) / 2
+            b = mean[f"{layer}.lora_B.default.weight"]
+            a = mean[f"{layer}.lora_A.default.weight"]
+            err = float((b @ a - target).abs().max() / target.abs().max().clamp(min=1e-12))
+            assert err < 1e-6, (server_round, layer, err)
+        global_gen = mean
+        global_ret = retriever.trainable_state()  # one site's: the exactness check is the gen's
+    assert all(not torch.equal(global_gen[k], start[k]) for k in start)  # A and B both moved
+
+
 @pytest.mark.parametrize(
     "overrides, warned",
     [
