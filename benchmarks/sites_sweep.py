@@ -18,6 +18,8 @@ Run: python benchmarks/sites_sweep.py --data "" --data data/wordnet --sites 2,4,
      python benchmarks/sites_sweep.py --summary FILE.jsonl
      python benchmarks/sites_sweep.py --pooled-only -c num-server-rounds=3 ...  # pooled at half
          the budget: how many pooled steps a federated row is worth
+     python benchmarks/sites_sweep.py --one-batch -c gen-lr=1.2e-2 ...  # R x S steps of N x the
+         batch: federated with neither drift nor averaging error, the sequential steps' cost
 """
 
 from __future__ import annotations
@@ -51,14 +53,19 @@ def split_root(data: str, n: int, work: Path) -> Path:
     return out
 
 
-def pooled_row(root: Path, config: dict, work: Path) -> dict:
+def pooled_row(root: Path, config: dict, work: Path, one_batch: bool = False) -> dict:
+    """``one_batch``: R x S steps of N x the batch instead of R x S x N steps of one batch:
+    the sites' examples of a step averaged as one gradient, what FedAvg would be with no local
+    drift and no LoRA averaging error, at the federation's number of sequential steps."""
     s = settings_from({**SAME_EVAL, **config})
     clients = resolve_clients([root])
-    steps = s.num_server_rounds * s.local_steps * len(clients)
+    steps = s.num_server_rounds * s.local_steps * (1 if one_batch else len(clients))
+    batch = s.batch_size * (len(clients) if one_batch else 1)
     start = time.perf_counter()
-    result = run_centralized(clients, s.replace(local_steps=steps), work / "pooled",
-                             evaluate_before=False)  # fmt: skip
-    return _row(f"pooled ({steps} steps)", result["after"], time.perf_counter() - start)
+    s = s.replace(local_steps=steps, batch_size=batch)
+    result = run_centralized(clients, s, work / "pooled", evaluate_before=False)
+    label = f"pooled ({steps} steps of batch {batch})" if one_batch else f"pooled ({steps} steps)"
+    return _row(label, result["after"], time.perf_counter() - start)
 
 
 def federated_row(root: Path, config: dict, name: str, work: Path) -> dict:
@@ -110,6 +117,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sites_sweep.jsonl"))
     ap.add_argument("--summary", type=Path, help="print the table of a results file and stop")
     ap.add_argument("--pooled-only", action="store_true", help="no federated rows")
+    ap.add_argument("--one-batch", action="store_true",
+                    help="with --pooled-only: R x S steps of N x the batch (row 'pooled-one-batch')")  # fmt: skip
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
@@ -127,8 +136,9 @@ def main() -> int:
         for n in (int(x) for x in args.sites.split(",")):
             root = split_root(data, n, work)
             for seed in (int(x) for x in args.seeds.split(",")):
-                jobs = [("pooled", {})] + [(k, parse_overrides([v])) for k, v in variants]
-                jobs = jobs[:1] if args.pooled_only else jobs
+                pooled = "pooled-one-batch" if args.one_batch else "pooled"
+                jobs = [(pooled, {})] + [(k, parse_overrides([v])) for k, v in variants]
+                jobs = jobs[:1] if args.pooled_only or args.one_batch else jobs
                 for name, extra in jobs:
                     key = (data or "demo", n, seed, name)
                     if key in done:
@@ -137,8 +147,8 @@ def main() -> int:
                     scratch = work / f"{key[0].replace('/', '_')}-{n}-{seed}"
                     # a resumed sweep may skip the row that used to make it
                     scratch.mkdir(parents=True, exist_ok=True)
-                    if name == "pooled":
-                        row = pooled_row(root, config, scratch)
+                    if name.startswith("pooled"):
+                        row = pooled_row(root, config, scratch, args.one_batch)
                     else:
                         row = federated_row(root, config, name, scratch)
                     row.update(data=key[0], sites=n, seed=seed, row=name,
