@@ -79,6 +79,7 @@ class Settings:
     num_server_rounds: int = 6
     strategy: str = "fedavg"
     lora_aggregation: str = "fedavg"
+    client_optimizer: str = "adamw"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     evaluate_every: int = 1
@@ -115,6 +116,7 @@ class Settings:
             "strategy": STRATEGIES,
             "dp": ("none", "record", "client"),
             "lora_aggregation": ("fedavg", "ffa", "alternate"),
+            "client_optimizer": ("adamw", "sgd"),
             "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():

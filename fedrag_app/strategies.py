@@ -68,7 +68,7 @@ def momentum_warning(s: Settings) -> str | None:
     momentum = s.strategy in ("fedadam", "fedyogi") or (
         s.strategy == "fedavgm" and s.server_momentum > 0
     )
-    if not (momentum and s.keep_optimizer_state):
+    if not (momentum and s.keep_optimizer_state and s.client_optimizer == "adamw"):
         return None
     return (
         f"strategy = {s.strategy!r} applies server momentum while clients keep their AdamW "

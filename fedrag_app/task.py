@@ -179,6 +179,7 @@ def train_local(
         micro_batch_tokens=s.micro_batch_tokens,
         autocast_bf16=s.autocast_bf16,
         proximal_mu=s.proximal_mu,
+        optimizer=s.client_optimizer,
         progress=progress,
     )
     if server_round > 0 and s.lr_schedule == "run":

@@ -380,6 +380,7 @@ def test_alternating_factors_make_fedavg_exact_and_train_both(tiny_settings, toy
         ({"strategy": "fedadam", "keep_optimizer_state": True}, True),
         ({"strategy": "fedadam"}, True),  # kept moments are the default
         ({"strategy": "fedavg"}, False),
+        ({"strategy": "fedadam", "client_optimizer": "sgd"}, False),  # no client moments
     ],
 )
 def test_server_momentum_over_kept_client_moments_is_warned_about(overrides, warned):

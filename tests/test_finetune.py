@@ -157,6 +157,28 @@ def _step_sizes(rounds: int, steps: int, **schedule) -> list[float]:
     return [round(a - b, 6) for a, b in zip(seen, seen[1:], strict=False)]
 
 
+def test_client_sgd_moves_the_weights_by_the_lr_times_the_summed_gradients():
+    """client-optimizer=sgd: a round's update is lr x the sum of its gradients (a server
+    optimizer's pseudo-gradient), where AdamW moves each weight by about the lr whatever the
+    gradient's size; no optimizer state is kept."""
+    targets = torch.tensor([[10.0, -0.1], [20.0, 0.3]])
+    moved = {}
+    for optimizer in ("sgd", "adamw"):
+        w = torch.nn.Parameter(torch.zeros(2))
+        state: dict[str, torch.Tensor] = {}
+        cfg = LoopSettings(steps=2, lr=0.1, warmup_ratio=0.0, max_grad_norm=0, progress=False,
+                           optimizer=optimizer, schedule_total=2)  # fmt: skip
+        res = run_loop(
+            {"w": w}, iter(range(2)), lambda i, w=w: ((w * targets[i]).sum(), 1), cfg, state
+        )
+        moved[optimizer] = w.detach().clone()
+        if optimizer == "sgd":
+            assert state == {} and res["optimizer_steps"] == 0.0
+    # gradients are the targets; the second step's lr is halved by the linear decay over 2 steps
+    assert torch.allclose(moved["sgd"], -(0.1 * targets[0] + 0.05 * targets[1]))
+    assert moved["adamw"][0].abs() < 0.2 < moved["sgd"][0].abs()  # AdamW: about lr per step
+
+
 def test_run_schedule_continues_across_rounds_as_one_long_run():
     one_run = _step_sizes(1, 30)
     federated = _step_sizes(6, 5, schedule_start=lambda r: 5 * r, schedule_total=lambda r: 30)

@@ -34,6 +34,10 @@ class LoopSettings:
     micro_batch_tokens: int = 0
     autocast_bf16: bool = False
     proximal_mu: float = 0.0
+    # "sgd": plain SGD, so a round's update is lr x the summed gradients, what a server
+    # optimizer (FedAdam, FedYogi, FedAdagrad) expects as its pseudo-gradient (Reddi et al.,
+    # ICLR 2021); "adamw" normalises each site's steps on its own
+    optimizer: str = "adamw"
     progress: bool = True
     desc: str = "train"
     # Where these steps sit in a longer schedule: a federated client in round r of R runs
@@ -150,8 +154,11 @@ def run_loop(
     anchor = [p.detach().clone() for p in trainable] if cfg.proximal_mu > 0 else None
     if cfg.dp is not None and (module is None or anchor is not None):
         raise ValueError("DP-SGD needs the module the loss runs, and no proximal term")
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    if optimizer_state:
+    if cfg.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(trainable, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    if optimizer_state and cfg.optimizer == "adamw":
         _load_adam_state(optimizer, params, optimizer_state)
     total = max(cfg.schedule_total, cfg.schedule_start + cfg.steps)
     for group in optimizer.param_groups:
@@ -214,9 +221,9 @@ def run_loop(
         if private is not None:
             private.close()
     seconds = time.perf_counter() - start
-    if optimizer_state is not None:
+    if optimizer_state is not None and cfg.optimizer == "adamw":
         optimizer_state.update(_adam_state(optimizer, params))
-    adam_steps = max((float(s["step"]) for s in optimizer.state.values()), default=0.0)
+    adam_steps = max((float(s["step"]) for s in optimizer.state.values() if s), default=0.0)
     tail = losses[-max(1, len(losses) // 4) :] or [0.0]
     return {
         "loss": sum(tail) / len(tail),

@@ -43,12 +43,13 @@ def share_frozen_a(module: torch.nn.Module, reinit: bool = True) -> int:
 
 def trained_factor(aggregation: str, server_round: int) -> str | None:
     """``lora-aggregation = alternate``: in federated round r, only ``lora_B`` trains when r is
-    odd and only ``lora_A`` when r is even (alternating minimisation, as in RoLoRA, Chen et al.,
-    2024). Every site starts the round from the same global A and B, so with one factor held
-    fixed the mean of the sites' B_i A (or B A_i) is the product of the means: FedAvg is exact,
-    and unlike FFA-LoRA neither factor stays at its random init. B trains first, since A gets
-    no gradient while B is PEFT's zero init. ``None`` (both train): every other mode, and
-    centralized runs (``server_round`` 0), where there is nothing to average."""
+    odd and only ``lora_A`` when r is even (alternating optimisation, as in RoLoRA, Chen et
+    al., NeurIPS 2025, which also sends only the trained factor; here both travel). Every site
+    starts the round from the same global A and B, so with one factor held fixed the mean of
+    the sites' B_i A (or B A_i) is the product of the means: FedAvg is exact, and unlike
+    FFA-LoRA neither factor stays at its random init. B trains first, since A gets no gradient
+    while B is PEFT's zero init. ``None`` (both train): every other mode, and centralized runs
+    (``server_round`` 0), where there is nothing to average."""
     if aggregation != "alternate" or server_round <= 0:
         return None
     return "lora_B" if server_round % 2 else "lora_A"
