@@ -118,7 +118,7 @@ def main() -> int:
     ap.add_argument("--summary", type=Path, help="print the table of a results file and stop")
     ap.add_argument("--pooled-only", action="store_true", help="no federated rows")
     ap.add_argument("--one-batch", action="store_true",
-                    help="with --pooled-only: R x S steps of N x the batch (row 'pooled-one-batch')")  # fmt: skip
+                    help="only a pooled row of R x S steps of N x the batch (row 'pooled-one-batch')")  # fmt: skip
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
