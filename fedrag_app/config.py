@@ -89,6 +89,8 @@ class Settings:
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
     tau: float = 1e-9
+    server_beta_2: float = 0.99
+    server_lr_schedule: str = "constant"
     beta: float = 0.2
     num_malicious: int = 0
     num_krum_selected: int = 1
@@ -117,6 +119,7 @@ class Settings:
             "dp": ("none", "record", "client"),
             "lora_aggregation": ("fedavg", "ffa", "alternate"),
             "client_optimizer": ("adamw", "sgd"),
+            "server_lr_schedule": ("constant", "run"),
             "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():
@@ -135,6 +138,10 @@ class Settings:
                     f"config key '{_kebab(name)}' = {value!r}: expected a value in {span}"
                 )
 
+        if self.server_beta_2 >= 1:
+            raise ValueError(
+                f"config key 'server-beta-2' = {self.server_beta_2!r}: expected a value in (0, 1)"
+            )
         if self.dp == "record" and self.mode != "generator":
             raise ValueError(
                 "config key 'dp' = 'record' trains the generator only (mode = generator): "
@@ -191,7 +198,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "min_nodes": (1, None, False),
     "round_timeout": (0, None, True), "eta": (0, None, True),
     "server_learning_rate": (0, None, True), "server_momentum": (0, 1, False),
-    "tau": (0, None, True), "beta": (0, 0.5, False), "num_malicious": (0, None, False),
+    "tau": (0, None, True), "server_beta_2": (0, 1, True), "beta": (0, 0.5, False), "num_malicious": (0, None, False),
     "num_krum_selected": (1, None, False),
     "dp_epsilon": (0, None, True), "dp_delta": (0, 1, True), "dp_clip_norm": (0, None, True),
     "dp_noise_multiplier": (0, None, False),

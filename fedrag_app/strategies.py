@@ -47,7 +47,10 @@ def server_strategy(s: Settings, history: History, start_round: int, down: int) 
     updates decoded onto the float32 global model, every reply recorded, and evaluation only in
     the rounds due (``evaluate-every``). ``down`` is the bytes sent to each client per round.
     """
-    scaled = ClientLrScaling(make_strategy(s), s)
+    inner = make_strategy(s)
+    if s.server_lr_schedule == "run":
+        inner = ServerLrSchedule(inner, s, start_round)
+    scaled = ClientLrScaling(inner, s)
     if s.dp != "client" and s.strategy in AVERAGING:
         scaled = LoraAveragingError(scaled)
     checked = Float32Global(RejectNonFinite(scaled, history, start_round))
@@ -93,9 +96,9 @@ def make_strategy(s: Settings) -> Strategy:
         # FedProx sends proximal-mu to clients; task.train_local adds the proximal term.
         return FedProx(**common, proximal_mu=s.proximal_mu)
     if s.strategy == "fedadam":
-        return FedAdam(**common, eta=s.eta, tau=s.tau)
+        return FedAdam(**common, eta=s.eta, tau=s.tau, beta_2=s.server_beta_2)
     if s.strategy == "fedyogi":
-        return FedYogi(**common, eta=s.eta, tau=s.tau)
+        return FedYogi(**common, eta=s.eta, tau=s.tau, beta_2=s.server_beta_2)
     if s.strategy == "fedadagrad":
         return FedAdagrad(**common, eta=s.eta, tau=s.tau)
     if s.strategy == "fedmedian":
@@ -249,6 +252,46 @@ class ClientLrScaling(StrategyWrapper):
             msg.content[self.inner.configrecord_key]["gen-lr"] = s.gen_lr * factor
             msg.content[self.inner.configrecord_key]["ret-lr"] = s.ret_lr * factor
         return messages
+
+
+class ServerLrSchedule(StrategyWrapper):
+    """The server's learning rate (``eta`` of FedAdam, FedYogi and FedAdagrad,
+    ``server-learning-rate`` of FedAvgM) follows one linear warmup (``warmup-ratio`` of the
+    rounds) and linear decay to zero over the run, the schedule a centralized run gives its
+    steps. Flower keeps it constant; an adaptive server optimizer also cancels the sites'
+    own schedule (it normalises the pseudo-gradient's scale), so without this nothing decays.
+    """
+
+    def __init__(self, inner: Strategy, s: Settings, start_round: int = 0) -> None:
+        super().__init__(inner)
+        self.name = "eta" if hasattr(inner, "eta") else "server_learning_rate"
+        if not hasattr(inner, self.name):
+            raise ValueError(
+                f"config key 'server-lr-schedule' = 'run' needs a strategy with a server "
+                f"learning rate (fedadam, fedyogi, fedadagrad, fedavgm), got {s.strategy!r}"
+            )
+        if not getattr(inner, "server_opt", True):  # FedAvgM skips its update at lr 1, momentum 0
+            raise ValueError(
+                "config key 'server-lr-schedule' = 'run' with strategy = 'fedavgm' needs "
+                "server-momentum > 0 or server-learning-rate != 1"
+            )
+        self.base = float(getattr(inner, self.name))
+        self.total = s.num_server_rounds
+        self.warmup = int(s.warmup_ratio * s.num_server_rounds)
+        self.start_round = start_round
+
+    def factor(self, server_round: int) -> float:
+        """transformers' ``get_linear_schedule_with_warmup`` at step ``round - 1`` of the run."""
+        step = self.start_round + server_round - 1
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        setattr(self.inner, self.name, self.base * self.factor(server_round))
+        return self.inner.aggregate_train(server_round, replies)
 
 
 class LoraAveragingError(StrategyWrapper):

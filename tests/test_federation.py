@@ -442,3 +442,37 @@ def test_the_server_records_the_lora_averaging_error_each_round(strategy, measur
     assert ("lora-averaging-error-gen" in agg) == measured
     if measured:
         assert agg["lora-averaging-error-gen"] > 0.1
+
+
+def test_server_lr_follows_the_centralized_schedule_and_fedadam_steps_with_it():
+    """Round r's server lr is transformers' warmup+decay at step r-1; FedAdam's step uses it."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from fedrag_app.strategies import ServerLrSchedule
+
+    s = Settings(strategy="fedadam", eta=0.1, num_server_rounds=10, warmup_ratio=0.2)
+    wrapped = ServerLrSchedule(make_strategy(s), s)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, 2, 10)
+    expected = []
+    for _ in range(10):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [wrapped.factor(r) for r in range(1, 11)] == pytest.approx(expected)
+    assert wrapped.factor(1) == 0.0 and wrapped.factor(3) == 1.0 and wrapped.factor(10) > 0
+    resumed = ServerLrSchedule(make_strategy(s), s, start_round=4)
+    assert resumed.factor(1) == pytest.approx(expected[4])
+
+    inside_a_run()
+    start = ArrayRecord({"gen.w": Array(np.zeros(3, dtype=np.float32))})
+    list(wrapped.configure_train(2, start, ConfigRecord(), _Grid()))
+    arrays, _ = wrapped.aggregate_train(2, [reply(1, 1.0, 1), reply(2, 1.0, 1)])
+    assert wrapped.inner.eta == pytest.approx(0.1 * expected[1])
+    # Flower's FedAdam: m = 0.1 d, v = 0.01 d^2, step eta_r sqrt(1-b2^3)/(1-b1^3) m/sqrt(v)
+    step = 0.1 * expected[1] * np.sqrt(1 - 0.99**3) / (1 - 0.9**3)
+    assert arrays["gen.w"].numpy() == pytest.approx(np.full(3, step), rel=1e-4)
+    with pytest.raises(ValueError, match="server-lr-schedule"):
+        ServerLrSchedule(make_strategy(s.replace(strategy="fedavg")), s)
+    with pytest.raises(ValueError, match="server-momentum > 0"):
+        ServerLrSchedule(make_strategy(s.replace(strategy="fedavgm")), s)
