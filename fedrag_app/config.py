@@ -113,7 +113,7 @@ class Settings:
             "dtype": ("float32", "bfloat16", "float16"),
             "mode": ("generator", "retriever", "both"),
             "wire_dtype": ("float32", "float16"),
-            "lr_schedule": ("run", "round"),
+            "lr_schedule": ("run", "round", "constant"),
             "client_lr_scale": ("linear", "sqrt", "none"),
             "strategy": STRATEGIES,
             "dp": ("none", "record", "client"),

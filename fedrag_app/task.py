@@ -180,6 +180,7 @@ def train_local(
         autocast_bf16=s.autocast_bf16,
         proximal_mu=s.proximal_mu,
         optimizer=s.client_optimizer,
+        schedule="constant" if s.lr_schedule == "constant" else "linear",
         progress=progress,
     )
     if server_round > 0 and s.lr_schedule == "run":

@@ -177,6 +177,12 @@ def test_client_sgd_moves_the_weights_by_the_lr_times_the_summed_gradients():
     # gradients are the targets; the second step's lr is halved by the linear decay over 2 steps
     assert torch.allclose(moved["sgd"], -(0.1 * targets[0] + 0.05 * targets[1]))
     assert moved["adamw"][0].abs() < 0.2 < moved["sgd"][0].abs()  # AdamW: about lr per step
+    # lr-schedule=constant: no warmup, no decay, mid-run as at the start
+    w = torch.nn.Parameter(torch.zeros(2))
+    cfg = LoopSettings(steps=2, lr=0.1, warmup_ratio=0.5, max_grad_norm=0, progress=False,
+                       optimizer="sgd", schedule="constant", schedule_start=4, schedule_total=6)  # fmt: skip
+    run_loop({"w": w}, iter(range(2)), lambda i: ((w * targets[i]).sum(), 1), cfg)
+    assert torch.allclose(w.detach(), -0.1 * (targets[0] + targets[1]))
 
 
 def test_run_schedule_continues_across_rounds_as_one_long_run():

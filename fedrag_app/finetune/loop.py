@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 from fedrag_app.finetune.privacy import DpSettings, PrivateOptimizer
 
@@ -44,6 +44,9 @@ class LoopSettings:
     # steps [(r-1)*steps, r*steps) of one warmup-and-decay over R*steps, as one long run would.
     schedule_start: int = 0
     schedule_total: int = 0  # 0 = just these steps
+    # "constant": every step at ``lr`` (no warmup, no decay), for sites whose updates a server
+    # optimizer rescales and schedules (``server-lr-schedule``)
+    schedule: str = "linear"
     # DP-SGD (privacy.py): each step takes ONE Poisson batch, clipped per example and noised;
     # max_grad_norm, grad_accum and proximal_mu do not apply then
     dp: DpSettings | None = None
@@ -163,8 +166,12 @@ def run_loop(
     total = max(cfg.schedule_total, cfg.schedule_start + cfg.steps)
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr  # lets the scheduler start mid-schedule
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total), total, last_epoch=cfg.schedule_start - 1
+    scheduler = (
+        get_constant_schedule(optimizer)
+        if cfg.schedule == "constant"
+        else get_linear_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * total), total, last_epoch=cfg.schedule_start - 1
+        )
     )
     autocast = (
         torch.autocast(trainable[0].device.type, dtype=torch.bfloat16)
