@@ -142,6 +142,18 @@ class Settings:
             raise ValueError(
                 f"config key 'server-beta-2' = {self.server_beta_2!r}: expected a value in (0, 1)"
             )
+        if self.server_lr_schedule == "run" and not (
+            self.strategy in ("fedadam", "fedyogi", "fedadagrad")
+            or (
+                self.strategy == "fedavgm"
+                and (self.server_momentum > 0 or self.server_learning_rate != 1)
+            )
+        ):
+            raise ValueError(
+                "config key 'server-lr-schedule' = 'run' needs a server learning rate to "
+                "schedule: strategy = fedadam | fedyogi | fedadagrad, or fedavgm with "
+                f"server-momentum > 0 or server-learning-rate != 1 (got strategy = {self.strategy!r})"
+            )
         if self.dp == "record" and self.mode != "generator":
             raise ValueError(
                 "config key 'dp' = 'record' trains the generator only (mode = generator): "

@@ -26,6 +26,10 @@ def test_overrides_are_typed_and_unknown_keys_named():
         settings_from({"top-k": "many"})
     with pytest.raises(ValueError, match="'mode' = 'all'"):
         settings_from({"mode": "all"})
+    with pytest.raises(ValueError, match="'server-lr-schedule' = 'run' needs"):
+        settings_from({"server-lr-schedule": "run"})  # FedAvg has no server lr
+    with pytest.raises(ValueError, match="'server-beta-2' = 1.0"):
+        settings_from({"server-beta-2": 1.0})
 
 
 def test_flower_keys_are_ignored_and_message_config_wins():
