@@ -51,6 +51,7 @@ class Settings:
     # Fine-tuning
     mode: str = "generator"
     local_steps: int = 5
+    local_epochs: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
     micro_batch_tokens: int = 384
@@ -198,7 +199,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "max_context_chars": (1, None, False),
     "lora_r": (1, None, False), "lora_alpha": (0, None, True), "lora_dropout": (0, 1, False),
     "retriever_lora_r": (0, None, False),
-    "local_steps": (0, None, False), "batch_size": (1, None, False),
+    "local_steps": (0, None, False), "local_epochs": (0, None, False), "batch_size": (1, None, False),
     "grad_accum": (1, None, False), "micro_batch_tokens": (0, None, False), "gen_lr": (0, None, True), "ret_lr": (0, None, True),
     "warmup_ratio": (0, 1, False), "client_lr_scale_max": (1, None, False),
     "max_grad_norm": (0, None, True), "max_seq_len": (16, None, False),

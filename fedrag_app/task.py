@@ -169,6 +169,9 @@ def train_local(
     rng = random.Random(s.seed)
     start = time.perf_counter()
     pairs = [(i, p) for i, c in enumerate(clients) for p in c.qa("train")]
+    if s.local_epochs > 0:  # a site's work in proportion to its data, as FedAvg's E epochs
+        per_step = s.batch_size * s.grad_accum
+        s = s.replace(local_steps=max(1, round(s.local_epochs * len(pairs) / per_step)))
     metrics: dict[str, float] = {"num-examples": float(len(pairs))}
     skipped, cut_before = 0, generator.contexts_cut
     loop = dict(

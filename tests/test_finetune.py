@@ -317,6 +317,10 @@ def test_a_round_prepares_only_what_its_steps_train(tiny_settings, tmp_path, mon
     # fits() and the loss encode each drawn example once; LSR scores lsr-k candidates each
     assert 0 < seen[1]["encode"] <= per_round * ((s.lsr_k + 3) if mode == "both" else 2)
     assert all(0 < x["search"] <= 2 * per_round for x in seen), seen  # a round's questions only
+    # local-epochs: a round's steps in proportion to the site's pairs (here 400)
+    e = s.replace(local_epochs=0.05)
+    metrics = train_local(resolve_clients([site]), e, retriever, generator, progress=False)
+    assert metrics["gen-steps"] == round(0.05 * 400 / (s.batch_size * s.grad_accum)) != 3
 
 
 def test_prepared_batches_are_full_prepare_lazily_and_fail_when_nothing_fits():
