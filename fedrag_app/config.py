@@ -20,6 +20,8 @@ STRATEGIES = (
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
     "fedtrimmedavg", "krum", "multikrum", "bulyan",
 )  # fmt: skip
+# those whose aggregate starts from the example-weighted mean of the clients' weights
+AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Settings:
     client_lr_scale: str = "linear"
     client_lr_scale_max: float = 4.0
     keep_optimizer_state: bool = True
+    fednova: bool = False
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
@@ -174,6 +177,12 @@ class Settings:
             raise ValueError(
                 "config key 'lora-aggregation' = 'alternate' is not supported with dp = 'record' "
                 "(Opacus's per-example gradients are untested with a factor frozen per round)"
+            )
+        if self.fednova and (self.dp == "client" or self.strategy not in AVERAGING):
+            raise ValueError(
+                "config key 'fednova' = true rescales updates before they are averaged: it needs "
+                "an averaging strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad) "
+                f"and dp != 'client' (got strategy = {self.strategy!r}, dp = {self.dp!r})"
             )
         if self.dp == "client" and self.strategy != "fedavg":
             raise ValueError(

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedrag_app.config import Settings
+from fedrag_app.config import AVERAGING, Settings
 from fedrag_app.finetune.privacy import DP_WEIGHT, noise_multiplier
 from fedrag_app.history import History
 from fedrag_app.weights import nbytes
@@ -53,13 +53,11 @@ def server_strategy(s: Settings, history: History, start_round: int, down: int) 
     scaled = ClientLrScaling(inner, s)
     if s.dp != "client" and s.strategy in AVERAGING:
         scaled = LoraAveragingError(scaled)
+    if s.fednova:
+        scaled = FedNova(scaled)
     checked = Float32Global(RejectNonFinite(scaled, history, start_round))
     recorded = Recording(checked, history, start_round, down)
     return EvaluateEvery(recorded, s.evaluate_every, s.num_server_rounds, start_round)
-
-
-# strategies whose aggregate starts from the example-weighted mean of the clients' weights
-AVERAGING = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 def momentum_warning(s: Settings) -> str | None:
@@ -292,6 +290,64 @@ class ServerLrSchedule(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         setattr(self.inner, self.name, self.base * self.factor(server_round))
         return self.inner.aggregate_train(server_round, replies)
+
+
+class FedNova(StrategyWrapper):
+    """Each site's update divided by the local steps it took, then averaged (FedNova, Wang et
+    al., NeurIPS 2020). With ``local-epochs`` a site holding 3x the data takes 3x the steps, and
+    FedAvg, which also weights it by its examples, counts its data about n_k^2 times: the
+    global model leans to the big site's optimum (objective inconsistency). Here each reply
+    becomes sent + tau_eff / tau_k x (its weights - sent), tau_k its ``local-steps``, tau_eff =
+    sum_k p_k tau_k with p_k the weights the inner strategy uses, so the inner mean is tau_eff
+    times the weighted mean of the sites' per-step updates. Equal steps change nothing.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: dict[str, np.ndarray] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = {k: a.numpy() for k, a in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        key = getattr(self.inner, "weighted_by_key", "num-examples")
+        trained = [m for m in replies if m.has_content() and "local-steps" in m.content["metrics"]]
+        weights = np.array([float(m.content["metrics"][key]) for m in trained])
+        steps = np.array([float(m.content["metrics"]["local-steps"]) for m in trained])
+        if not trained or weights.sum() <= 0 or (steps <= 0).any():
+            return self.inner.aggregate_train(server_round, replies)
+        tau_eff = float(weights @ steps / weights.sum())
+        scale = {id(m): tau_eff / tau for m, tau in zip(trained, steps, strict=True)}
+        out = []
+        for msg in replies:
+            if id(msg) in scale:
+                msg = Message(
+                    content=RecordDict(
+                        {
+                            **msg.content,
+                            "arrays": self._rescaled(msg.content["arrays"], scale[id(msg)]),
+                        }
+                    ),
+                    metadata=msg.metadata,
+                )
+            out.append(msg)
+        arrays, metrics = self.inner.aggregate_train(server_round, out)
+        return arrays, MetricRecord({**dict(metrics or {}), "fednova-tau-eff": tau_eff})
+
+    def _rescaled(self, record: ArrayRecord, factor: float) -> ArrayRecord:
+        out = {}
+        for k, array in record.items():
+            values = array.numpy()
+            if k in self.sent:
+                values = self.sent[k] + factor * (values - self.sent[k])
+            out[k] = Array(np.asarray(values, dtype=np.float32))
+        return ArrayRecord(out)
 
 
 class LoraAveragingError(StrategyWrapper):

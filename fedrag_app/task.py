@@ -172,7 +172,11 @@ def train_local(
     if s.local_epochs > 0:  # a site's work in proportion to its data, as FedAvg's E epochs
         per_step = s.batch_size * s.grad_accum
         s = s.replace(local_steps=max(1, round(s.local_epochs * len(pairs) / per_step)))
-    metrics: dict[str, float] = {"num-examples": float(len(pairs))}
+    # local-steps: what FedNova (``fednova``) divides this site's update by
+    metrics: dict[str, float] = {
+        "num-examples": float(len(pairs)),
+        "local-steps": float(s.local_steps),
+    }
     skipped, cut_before = 0, generator.contexts_cut
     loop = dict(
         steps=s.local_steps,

@@ -30,6 +30,8 @@ def test_overrides_are_typed_and_unknown_keys_named():
         settings_from({"server-lr-schedule": "run"})  # FedAvg has no server lr
     with pytest.raises(ValueError, match="'server-beta-2' = 1.0"):
         settings_from({"server-beta-2": 1.0})
+    with pytest.raises(ValueError, match="'fednova' = true rescales"):
+        settings_from({"fednova": True, "strategy": "fedmedian"})
 
 
 def test_flower_keys_are_ignored_and_message_config_wins():

@@ -145,7 +145,7 @@ _LOOP = {
     for k in ("loss", "loss-first", "steps", "tokens", "seconds", "optimizer-steps", "lr")
 }
 TRAIN_METRICS = _LOOP | {
-    "num-examples", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",
+    "num-examples", "local-steps", "train-loss", "seconds", "bytes-down", "bytes-up", "peak-rss-mb", "partition-id",
     "skipped-examples", "contexts-cut",
 }  # fmt: skip
 EVAL_METRICS = {
@@ -476,3 +476,33 @@ def test_server_lr_follows_the_centralized_schedule_and_fedadam_steps_with_it():
         ServerLrSchedule(make_strategy(s.replace(strategy="fedavg")), s)
     with pytest.raises(ValueError, match="server-momentum > 0"):
         ServerLrSchedule(make_strategy(s.replace(strategy="fedavgm")), s)
+
+
+def test_fednova_averages_per_step_updates_times_the_mean_steps():
+    """A site of 3 examples trained 1 step (update 1), one of 1 example 3 steps (update 6, 2 a
+    step): FedAvg gives 2.25, pulled to the busy site; FedNova tau_eff (1.5) x the weighted mean
+    per-step update (1.25) = 1.875; with equal steps it is FedAvg exactly."""
+    from fedrag_app.strategies import FedNova
+
+    def site(node: int, value: float, n: int, steps: int) -> Message:
+        msg = reply(node, value, n)
+        msg.content["metrics"]["local-steps"] = float(steps)
+        return msg
+
+    inside_a_run()
+    sent = ArrayRecord({"gen.w": Array(np.zeros(3, dtype=np.float32))})
+    nova = FedNova(FedAvg())
+    list(nova.configure_train(1, sent, ConfigRecord(), _Grid()))
+    arrays, metrics = nova.aggregate_train(1, [site(1, 1.0, 3, 1), site(2, 6.0, 1, 3)])
+    assert arrays["gen.w"].numpy() == pytest.approx(np.full(3, 1.875))
+    assert metrics["fednova-tau-eff"] == pytest.approx(1.5)
+    plain, _ = FedAvg().aggregate_train(1, [site(1, 1.0, 3, 1), site(2, 6.0, 1, 3)])
+    assert plain["gen.w"].numpy() == pytest.approx(np.full(3, 2.25))
+    same, _ = nova.aggregate_train(1, [site(1, 1.0, 3, 2), site(2, 6.0, 1, 2)])
+    assert same["gen.w"].numpy() == pytest.approx(np.full(3, 2.25))
+    strategy = server_strategy(Settings(fednova=True), History(), 0, 0)
+    wrappers = []
+    while hasattr(strategy, "inner"):
+        wrappers.append(type(strategy).__name__)
+        strategy = strategy.inner
+    assert "FedNova" in wrappers
