@@ -25,6 +25,7 @@ app = ClientApp()
 OPTIMIZER_STATE = "optimizer-state"  # key in context.state: this node's AdamW moments
 LAST_ROUND = "optimizer-round"  # key in context.state: the round those moments come from
 PRIVACY = "dp-ledger"  # key in context.state: this node's DP-SGD steps in this run
+DATA_POSITION = "data-position"  # key in context.state: how far this node's pass has got
 
 
 @dataclass
@@ -108,6 +109,9 @@ def train(msg: Message, context: Context, here: Site) -> Message:
     config = msg.content["config"]
     # Flower counts rounds from 1 again after a resume; the ServerApp sends the rounds done before.
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    # data-order=run: the rounds continue one pass over the site's data (never sent)
+    saved = context.state.get(DATA_POSITION)
+    position = {"seed": s.seed, **(dict(saved) if isinstance(saved, ConfigRecord) else {})}
     s = s.replace(seed=s.seed + server_round)  # new batches every round, still reproducible
     retriever, generator, down = _load(msg, context, here)
     # AdamW moments stay on this node (context.state lives in the SuperNode, across rounds)
@@ -130,8 +134,10 @@ def train(msg: Message, context: Context, here: Site) -> Message:
         dict(saved) if isinstance(saved, ConfigRecord) else {}, s.dp_delta, here.policy.max_epsilon
     )
     metrics = task.train_local(
-        [here.client], s, retriever, generator, False, server_round, moments, ledger
+        [here.client], s, retriever, generator, False, server_round, moments, ledger, position
     )
+    if s.data_order == "run":
+        context.state[DATA_POSITION] = ConfigRecord(position)
     if s.dp == "record":
         context.state[PRIVACY] = ConfigRecord(ledger.to_lists())
     if metrics.get("skipped-examples"):

@@ -65,6 +65,7 @@ class Settings:
     client_lr_scale_max: float = 4.0
     keep_optimizer_state: bool = True
     fednova: bool = False
+    data_order: str = "round"
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
@@ -124,6 +125,7 @@ class Settings:
             "lora_aggregation": ("fedavg", "ffa", "alternate"),
             "client_optimizer": ("adamw", "sgd"),
             "server_lr_schedule": ("constant", "run"),
+            "data_order": ("round", "run"),
             "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():

@@ -11,7 +11,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -152,6 +152,7 @@ def train_local(
     server_round: int = 0,
     optimizer_state: dict[str, torch.Tensor] | None = None,
     privacy: PrivacyLedger | None = None,
+    data_position: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Fine-tune in place on the pooled train sets of ``clients``; returns numeric metrics.
 
@@ -164,6 +165,9 @@ def train_local(
     A federated client passes ``server_round``: with ``lr-schedule = run`` its steps continue
     one learning-rate schedule over all rounds instead of restarting it every round, and
     (with ``keep-optimizer-state``) its own AdamW moments, which this call updates in place.
+    With ``data-order = run`` it passes ``data_position`` (``seed``, and per stage, ``ret`` and
+    ``gen``, the items its earlier rounds went through), and this round's examples continue one
+    pass over its data from there (updated in place) instead of a fresh shuffle.
     """
     seed_everything(s.seed)
     rng = random.Random(s.seed)
@@ -196,6 +200,19 @@ def train_local(
             schedule_total=s.num_server_rounds * s.local_steps,
         )
     factor = trained_factor(s.lora_aggregation, server_round)  # alternate: one factor a round
+
+    def continued(stage: str, prepare: Callable[[list], list]) -> tuple[Callable, tuple | None]:
+        """``prepare`` counting what it consumes, and where this stage's pass resumes."""
+        if data_position is None or s.data_order != "run":
+            return prepare, None
+        data_position.setdefault(stage, 0)
+
+        def counted(items: list) -> list:
+            data_position[stage] += len(items)
+            return prepare(items)
+
+        return counted, (data_position["seed"], data_position[stage])
+
     with open_stores(clients, s, retriever, progress) as stores:
         if s.mode in ("retriever", "both"):
             loss = LsrLoss(
@@ -216,13 +233,15 @@ def train_local(
                 too_long.update(set(items) - set(keep))
                 return keep
 
+            prepare, run_order = continued("ret", fitting)
             batches = prepared_batches(
                 pairs,
-                fitting,
+                prepare,
                 lambda x: len(x[1].question),
                 s.lsr_batch_size,
                 _window(s, s.lsr_batch_size),
                 rng,
+                run_order,
             )
             with only_factor(retriever.trainable_parameters(), factor) as params:
                 res = run_loop(
@@ -275,7 +294,10 @@ def train_local(
                 batches = poisson_batches(items, dp.sample_rate, rng, examples)
             else:
                 window = _window(s, s.batch_size)
-                batches = prepared_batches(items, examples, loss.length, s.batch_size, window, rng)
+                prepare, run_order = continued("gen", examples)
+                batches = prepared_batches(
+                    items, prepare, loss.length, s.batch_size, window, rng, run_order
+                )
             with only_factor(generator.trainable_parameters(), factor) as params:
                 res = run_loop(
                     _prefixed("gen.", params),

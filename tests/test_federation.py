@@ -157,7 +157,8 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     from fedrag_app import task
     from fedrag_app.client_app import evaluate, train
 
-    run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "both"}
+    run_config = {**tiny_settings.to_config(), "data-root": str(toy_root), "mode": "both",
+                  "data-order": "run"}  # fmt: skip
     context = Context(run_id=7, node_id=1, node_config=_node(tiny_settings),
                       state=RecordDict(), run_config=run_config)  # fmt: skip
     retriever, generator = task.load_models(tiny_settings, cache_key=7)
@@ -173,6 +174,9 @@ def test_client_reply_holds_only_weights_and_numbers(tiny_settings, toy_root):
     assert all(k.startswith(("gen.", "ret.")) for k in out.content["arrays"])
     assert all(isinstance(v, float) for v in out.content["metrics"].values())
     assert out.content["metrics"]["num-examples"] == 6
+    # data-order=run: where the site's pass got to stays in its own state, never in the reply
+    position = dict(context.state["data-position"])
+    assert position["seed"] == tiny_settings.seed and position["ret"] > 0 and position["gen"] > 0
     # every array is a trainable weight of the global model, with the global model's shapes
     assert {k: a.shape for k, a in out.content["arrays"].items()} == {
         k: a.shape for k, a in arrays.items()

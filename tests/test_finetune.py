@@ -321,6 +321,15 @@ def test_a_round_prepares_only_what_its_steps_train(tiny_settings, tmp_path, mon
     e = s.replace(local_epochs=0.05)
     metrics = train_local(resolve_clients([site]), e, retriever, generator, progress=False)
     assert metrics["gen-steps"] == round(0.05 * 400 / (s.batch_size * s.grad_accum)) != 3
+    # data-order=run: the position a round hands on counts what it went through
+    position = {"seed": 0}
+    r = s.replace(data_order="run")
+    for round_ in (1, 2):
+        train_local(
+            resolve_clients([site]), r, retriever, generator, False, round_, None, None, position
+        )
+        stages = ("ret", "gen") if mode == "both" else ("gen",)
+        assert all(0 < position[k] <= round_ * 2 * per_round * s.top_k for k in stages), position
 
 
 def test_prepared_batches_are_full_prepare_lazily_and_fail_when_nothing_fits():
@@ -340,6 +349,37 @@ def test_prepared_batches_are_full_prepare_lazily_and_fail_when_nothing_fits():
     assert sorted(next(tiny)) == [1, 2, 3]  # fewer than one batch: one short batch
     with pytest.raises(ValueError, match="fits"):
         next(prepared_batches([7, 14], prepare, lambda x: x, 4, 8, random.Random(0)))
+
+
+def test_run_order_continues_one_pass_across_calls():
+    """data-order=run: a site's rounds, each a new call that starts where the last one's
+    preparation stopped, go through every item once before any repeats, as one call does."""
+    items, seen = list(range(40)), []
+
+    def round_(start: int, steps: int) -> int:
+        consumed = []
+
+        def prepare(xs):
+            consumed.extend(xs)
+            return list(xs)
+
+        rng = random.Random(start)  # each round's own rng: only the batch order depends on it
+        batches = prepared_batches(items, prepare, lambda x: x, 4, 8, rng, (3, start))
+        seen.extend(x for _ in range(steps) for x in next(batches))
+        return start + len(consumed)
+
+    position = 0
+    for _ in range(5):  # 5 rounds of 2 steps x 4: one pass over the 40 items
+        position = round_(position, 2)
+    assert position == 40 and sorted(seen) == items
+    once = prepared_batches(items, list, lambda x: x, 4, 8, random.Random(9), (3, 0))
+    one_call = [x for _ in range(10) for x in next(once)]
+    assert sorted(one_call) == items  # one call: the same pass (batch order aside)
+    fresh = []  # data-order=round: each round a fresh shuffle, so items repeat within 40
+    for r in range(5):
+        batches = prepared_batches(items, list, lambda x: x, 4, 8, random.Random(r))
+        fresh.extend(x for _ in range(2) for x in next(batches))
+    assert len(set(fresh)) < 40
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_settings):

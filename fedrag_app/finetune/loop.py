@@ -72,6 +72,7 @@ def prepared_batches(
     batch_size: int,
     window: int,
     rng: random.Random,
+    run_order: tuple[int, int] | None = None,
 ) -> Iterator[list[T]]:
     """Endless full batches of similar lengths that prepare only what they yield.
 
@@ -80,13 +81,19 @@ def prepared_batches(
     A round of S steps then costs S steps' examples, whatever the size of the site's data.
     A window's last partial batch carries over into the next, so every batch is full (unless
     the whole data set holds fewer examples than one batch).
+
+    ``run_order`` = (seed, start): the items follow one fixed sequence of shuffles (epoch e
+    shuffled by seed and e) from position ``start`` on, so that successive calls, a federated
+    site's rounds, continue one pass over the data instead of each drawing from a fresh shuffle.
     """
     if not items:
         raise ValueError("no training examples")
     carry: list[T] = []
+    epoch, skip = divmod(run_order[1], len(items)) if run_order else (0, 0)
     while True:
         order = list(items)
-        rng.shuffle(order)
+        (random.Random(f"{run_order[0]}:{epoch}") if run_order else rng).shuffle(order)
+        order, partial, skip, epoch = order[skip:], skip > 0, 0, epoch + 1
         produced = yielded = False
         for start in range(0, len(order), window):
             ready = carry + prepare(order[start : start + window])
@@ -98,7 +105,7 @@ def prepared_batches(
             rng.shuffle(batches)
             yielded = yielded or bool(batches)
             yield from batches
-        if not produced:
+        if not produced and not partial:
             raise ValueError("no training example fits max-seq-len")
         if not yielded:  # fewer examples than one batch in the whole data set
             batch, carry = carry, []
