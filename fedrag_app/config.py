@@ -66,6 +66,7 @@ class Settings:
     keep_optimizer_state: bool = True
     fednova: bool = False
     data_order: str = "round"
+    local_steps_split: str = "equal"
     max_grad_norm: float = 1.0
     max_seq_len: int = 640
     autocast_bf16: bool = False
@@ -126,6 +127,7 @@ class Settings:
             "client_optimizer": ("adamw", "sgd"),
             "server_lr_schedule": ("constant", "run"),
             "data_order": ("round", "run"),
+            "local_steps_split": ("equal", "data"),
             "lsr_target": ("sum", "mean"),
         }  # fmt: skip
         for name, allowed in choices.items():
@@ -185,6 +187,12 @@ class Settings:
                 "config key 'fednova' = true rescales updates before they are averaged: it needs "
                 "an averaging strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad) "
                 f"and dp != 'client' (got strategy = {self.strategy!r}, dp = {self.dp!r})"
+            )
+        if self.local_steps_split == "data" and (self.local_epochs > 0 or self.dp == "record"):
+            raise ValueError(
+                "config key 'local-steps-split' = 'data' divides n x local-steps among the sites; "
+                "it needs local-epochs = 0 (which sets a site's steps itself) and dp != 'record' "
+                "(DP-SGD plans its noise for a fixed number of steps per round)"
             )
         if self.dp == "client" and self.strategy != "fedavg":
             raise ValueError(

@@ -51,6 +51,8 @@ def server_strategy(s: Settings, history: History, start_round: int, down: int) 
     if s.server_lr_schedule == "run":
         inner = ServerLrSchedule(inner, s, start_round)
     scaled = ClientLrScaling(inner, s)
+    if s.local_steps_split == "data":
+        scaled = StepsByData(scaled, s)
     if s.dp != "client" and s.strategy in AVERAGING:
         scaled = LoraAveragingError(scaled)
     if s.fednova:
@@ -250,6 +252,52 @@ class ClientLrScaling(StrategyWrapper):
             msg.content[self.inner.configrecord_key]["gen-lr"] = s.gen_lr * factor
             msg.content[self.inner.configrecord_key]["ret-lr"] = s.ret_lr * factor
         return messages
+
+
+class StepsByData(StrategyWrapper):
+    """Divide a round's n x ``local-steps`` steps among its n sampled sites in proportion to
+    the QA pairs each reported (``num-examples`` of its last reply), at least one each.
+
+    With equal steps a site holding half the data draws a quarter of the examples at 4 sites,
+    while FedAvg weights its update by half. ``local-epochs`` fixes that too, but needs an E
+    per data size; this keeps the budget of ``local-steps`` whatever the data. A site not yet
+    heard from (round 1, a newcomer) makes the round equal for all.
+    """
+
+    def __init__(self, inner: Strategy, s: Settings) -> None:
+        super().__init__(inner)
+        self.steps = s.local_steps
+        self.pairs: dict[int, float] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        sizes = [self.pairs.get(m.metadata.dst_node_id) for m in messages]
+        if not messages or any(n is None for n in sizes) or sum(sizes) <= 0:
+            return messages
+        key, budget = self.inner.configrecord_key, self.steps * len(messages)
+        out = []
+        for msg, n in zip(messages, sizes, strict=True):
+            steps = max(1, round(budget * n / sum(sizes)))
+            config = ConfigRecord({**msg.content[key], "local-steps": steps})
+            out.append(  # a RecordDict of its own: Flower's messages share one
+                Message(
+                    content=RecordDict({**msg.content, key: config}),
+                    dst_node_id=msg.metadata.dst_node_id,
+                    message_type=msg.metadata.message_type,
+                )
+            )
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_content() and "num-examples" in msg.content["metrics"]:
+                self.pairs[msg.metadata.src_node_id] = float(msg.content["metrics"]["num-examples"])
+        return self.inner.aggregate_train(server_round, replies)
 
 
 class ServerLrSchedule(StrategyWrapper):

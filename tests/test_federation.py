@@ -510,3 +510,21 @@ def test_fednova_averages_per_step_updates_times_the_mean_steps():
         wrappers.append(type(strategy).__name__)
         strategy = strategy.inner
     assert "FedNova" in wrappers
+
+
+def test_steps_by_data_divides_the_rounds_steps_by_the_pairs_sites_reported():
+    """Round 1, nothing heard yet: equal steps. Then 3 x 5 = 15 steps by 1 : 1 : 2 pairs."""
+    from fedrag_app.strategies import StepsByData
+
+    s = Settings(local_steps=5, local_steps_split="data")
+    inside_a_run()
+    strategy = StepsByData(make_strategy(s), s)
+    first = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())
+    assert all("local-steps" not in m.content["config"] for m in first)
+    strategy.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 1.0, 10), reply(3, 1.0, 20)])
+    second = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid())
+    steps = {m.metadata.dst_node_id: m.content["config"]["local-steps"] for m in second}
+    assert steps == {1: 4, 2: 4, 3: 8}
+    assert all(m.content["config"]["server-round"] == 2 for m in second)
+    with pytest.raises(ValueError, match="'local-steps-split' = 'data'"):
+        Settings(local_steps_split="data", local_epochs=0.1)
