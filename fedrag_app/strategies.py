@@ -155,6 +155,23 @@ class StrategyWrapper(Strategy):
         self.inner.summary()
 
 
+class KeepsSent(StrategyWrapper):
+    """A wrapper that forms updates: it keeps the round's sent weights (those ``keep`` admits)."""
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: dict[str, np.ndarray] = {}
+
+    def keep(self, key: str) -> bool:
+        return True
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = {k: a.numpy().astype(np.float32) for k, a in arrays.items() if self.keep(k)}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+
 class ClientLevelDp(StrategyWrapper):
     """Client-level DP with Flower's own ``DifferentialPrivacyServerSideFixedClipping`` around
     FedAvg and Flower's RDP accountant: each round clips every site's update to
@@ -340,7 +357,7 @@ class ServerLrSchedule(StrategyWrapper):
         return self.inner.aggregate_train(server_round, replies)
 
 
-class FedNova(StrategyWrapper):
+class FedNova(KeepsSent):
     """Each site's update divided by the local steps it took, then averaged (FedNova, Wang et
     al., NeurIPS 2020). With ``local-epochs`` a site holding 3x the data takes 3x the steps, and
     FedAvg, which also weights it by its examples, counts its data about n_k^2 times: the
@@ -349,16 +366,6 @@ class FedNova(StrategyWrapper):
     sum_k p_k tau_k with p_k the weights the inner strategy uses, so the inner mean is tau_eff
     times the weighted mean of the sites' per-step updates. Equal steps change nothing.
     """
-
-    def __init__(self, inner: Strategy) -> None:
-        super().__init__(inner)
-        self.sent: dict[str, np.ndarray] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.sent = {k: a.numpy() for k, a in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -398,7 +405,7 @@ class FedNova(StrategyWrapper):
         return ArrayRecord(out)
 
 
-class LoraAveragingError(StrategyWrapper):
+class LoraAveragingError(KeepsSent):
     """Measure, every round, what averaging LoRA factors separately costs: the aggregated
     metric ``lora-averaging-error-gen`` (``-ret`` for the query encoder) is
     ||mean(B_i) mean(A_i) - mean(B_i A_i)|| / ||mean(B_i A_i) - B A||, summed over the adapter's
@@ -408,15 +415,8 @@ class LoraAveragingError(StrategyWrapper):
     before anyone pays for it. Numbers only: the aggregate itself is the inner strategy's.
     """
 
-    def __init__(self, inner: Strategy) -> None:
-        super().__init__(inner)
-        self.sent: dict[str, np.ndarray] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.sent = {k: a.numpy() for k, a in arrays.items() if ".lora_" in k}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+    def keep(self, key: str) -> bool:
+        return ".lora_" in key
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -476,7 +476,7 @@ def _product_norm_sq(bs: list[np.ndarray], as_: list[np.ndarray]) -> float:
     return max(float(np.sum((u.T @ u) * (v @ v.T))), 0.0)
 
 
-class Float32Global(StrategyWrapper):
+class Float32Global(KeepsSent):
     """The global model and all server arithmetic stay float32, whatever travels.
 
     With ``wire-dtype=float16`` a client sends its UPDATE (trained minus received weights) in
@@ -484,16 +484,6 @@ class Float32Global(StrategyWrapper):
     (4.9e-4 near 0.9) survives, and FedAdam's ``tau`` never meets float16. Here each float16
     reply is decoded to float32 weights (global + update) before the inner strategy sees it.
     """
-
-    def __init__(self, inner: Strategy) -> None:
-        super().__init__(inner)
-        self.sent: dict[str, np.ndarray] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.sent = {k: a.numpy().astype(np.float32) for k, a in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
