@@ -172,6 +172,11 @@ class KeepsSent(StrategyWrapper):
         return self.inner.configure_train(server_round, arrays, config, grid)
 
 
+def with_arrays(reply: Message, arrays: ArrayRecord) -> Message:
+    """The reply with other arrays: a new message, the received one stays as it came."""
+    return Message(content=RecordDict({**reply.content, "arrays": arrays}), metadata=reply.metadata)
+
+
 class ClientLevelDp(StrategyWrapper):
     """Client-level DP with Flower's own ``DifferentialPrivacyServerSideFixedClipping`` around
     FedAvg and Flower's RDP accountant: each round clips every site's update to
@@ -293,10 +298,10 @@ class StepsByData(StrategyWrapper):
         sizes = [self.pairs.get(m.metadata.dst_node_id) for m in messages]
         if not messages or any(n is None for n in sizes) or sum(sizes) <= 0:
             return messages
-        key, budget = self.inner.configrecord_key, self.steps * len(messages)
+        key, budget, total = self.inner.configrecord_key, self.steps * len(messages), sum(sizes)
         out = []
         for msg, n in zip(messages, sizes, strict=True):
-            steps = max(1, round(budget * n / sum(sizes)))
+            steps = max(1, round(budget * n / total))
             config = ConfigRecord({**msg.content[key], "local-steps": steps})
             out.append(  # a RecordDict of its own: Flower's messages share one
                 Message(
@@ -382,15 +387,7 @@ class FedNova(KeepsSent):
         out = []
         for msg in replies:
             if id(msg) in scale:
-                msg = Message(
-                    content=RecordDict(
-                        {
-                            **msg.content,
-                            "arrays": self._rescaled(msg.content["arrays"], scale[id(msg)]),
-                        }
-                    ),
-                    metadata=msg.metadata,
-                )
+                msg = with_arrays(msg, self._rescaled(msg.content["arrays"], scale[id(msg)]))
             out.append(msg)
         arrays, metrics = self.inner.aggregate_train(server_round, out)
         return arrays, MetricRecord({**dict(metrics or {}), "fednova-tau-eff": tau_eff})
@@ -491,9 +488,7 @@ class Float32Global(KeepsSent):
         decoded = []
         for msg in replies:
             if msg.has_content() and "arrays" in msg.content:
-                record = decode_update(msg.content["arrays"], self.sent)
-                content = RecordDict({**msg.content, "arrays": record})
-                msg = Message(content=content, metadata=msg.metadata)
+                msg = with_arrays(msg, decode_update(msg.content["arrays"], self.sent))
             decoded.append(msg)
         arrays, metrics = self.inner.aggregate_train(server_round, decoded)
         if arrays is not None:  # FedAdam & co. compute in float64: the global stays float32
