@@ -443,3 +443,56 @@ def test_micro_batches_give_the_whole_batchs_gradient(tiny_settings):
     assert any(
         not torch.allclose(w[k], v, atol=1e-6) for k, v in generator.trainable_state().items()
     )
+
+
+def test_the_shared_prompt_prefix_runs_once_with_the_same_logprobs_and_gradients(tiny_settings):
+    """Every prompt opens with the same template: the batch runs it once (batch 1) and repeats
+    its keys and values, and the answer log-probs and LoRA gradients stay what they were."""
+    from fedrag_app.rag.generator import IGNORE, shared_prefix_length
+
+    batch = [
+        Example("What does TCP stand for?", ("TCP is a protocol " * 6,), "Transmission Control"),
+        Example("Who made Unix?", ("Unix came from Bell Labs.",), "Ken Thompson"),
+        Example("What is a byte?", ("Eight bits.",), "eight bits"),
+    ]
+    generator = build_generator(tiny_settings.replace(lora_dropout=0.0))
+    loss_fn = RaltLoss(generator, 256)
+    encoded = [loss_fn.encode(e) for e in batch]
+    shared = loss_fn.shared(batch)
+    first_answer = min(y.index(next(v for v in y if v != IGNORE)) for _, y in encoded)
+    assert 8 <= shared < first_answer  # the template, never a row's last prompt token
+    assert all(x[:shared] == encoded[0][0][:shared] for x, _ in encoded)
+    assert encoded[0][0][shared] != encoded[1][0][shared] or shared == first_answer - 1
+    assert shared_prefix_length(encoded[:1]) == 0
+    results = []
+    for share in (False, True):
+        generator.model.zero_grad(set_to_none=True)
+        logp, valid = generator.answer_token_logprobs(encoded, share_prefix=share)
+        (-logp.sum() / valid.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in generator.trainable_parameters().items()}
+        results.append((logp.detach(), valid, grads))
+    (plain, valid, g0), (fast, valid_fast, g1) = results
+    assert torch.equal(valid, valid_fast) and valid.sum() > 0
+    assert torch.allclose(plain, fast, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in g0.values())
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-4), name
+    # DP-SGD needs every activation per example: no sharing there
+    assert RaltLoss(generator, 256, per_example=True).shared(batch) == 0
+
+
+def test_micro_batches_count_the_shared_prefix_once():
+    """A pass runs the batch's shared tokens once, so a piece may hold more rows."""
+    from fedrag_app.finetune.loop import micro_batches
+
+    class Loss:
+        length = staticmethod(lambda item: 100)
+        weight = staticmethod(len)
+
+        def __init__(self, shared: int) -> None:
+            self.shared = lambda items: shared
+
+    batch = list(range(4))
+    assert [len(p) for p, _ in micro_batches(batch, Loss(0), 250)] == [2, 2]
+    assert [len(p) for p, _ in micro_batches(batch, Loss(40), 250)] == [3, 1]  # 40 + 3 x 60
+    assert [len(p) for p, _ in micro_batches(batch, Loss(40), 280)] == [4]

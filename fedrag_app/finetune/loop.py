@@ -115,16 +115,19 @@ def prepared_batches(
 def micro_batches(batch: list[T], loss_fn: object, max_tokens: int) -> list[tuple[list[T], float]]:
     """``batch`` in consecutive pieces of at most ``max_tokens`` padded tokens (at least one
     item each), with each piece's share of the batch's mean: ``loss_fn.weight(items)`` is what
-    its mean divides by (answer tokens, examples), ``loss_fn.length(item)`` an item's tokens.
+    its mean divides by (answer tokens, examples), ``loss_fn.length(item)`` an item's tokens,
+    ``loss_fn.shared(items)`` (optional) the leading tokens a pass runs once for all items.
     The shares make sum(share x piece loss) exactly the whole batch's loss."""
     length, weight = getattr(loss_fn, "length", None), getattr(loss_fn, "weight", None)
     if max_tokens <= 0 or len(batch) < 2 or length is None or weight is None:
         return [(batch, 1.0)]
+    shared = getattr(loss_fn, "shared", lambda items: 0)(batch)  # a piece shares at least these
     pieces: list[list[T]] = [[]]
     longest = 0
     for item in batch:
         n = length(item)
-        if pieces[-1] and (len(pieces[-1]) + 1) * max(longest, n) > max_tokens:
+        rows = len(pieces[-1]) + 1
+        if pieces[-1] and shared + rows * (max(longest, n) - shared) > max_tokens:
             pieces.append([])
             longest = 0
         pieces[-1].append(item)

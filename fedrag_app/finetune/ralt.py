@@ -76,6 +76,7 @@ class RaltLoss:
         # an example's gradient would scale with the OTHER examples' answer lengths
         self.per_example = per_example
         self._cache: dict[Example, tuple[list[int], list[int]]] = {}
+        self.tokens_not_computed = 0  # shared-prefix tokens run once for a whole batch
 
     def encode(self, ex: Example) -> tuple[list[int], list[int]]:
         if ex not in self._cache:
@@ -94,6 +95,12 @@ class RaltLoss:
     def length(self, ex: Example) -> int:
         return len(self.encode(ex)[0])
 
+    def shared(self, batch: list[Example]) -> int:
+        """Leading tokens the generator runs once for the whole batch (none under DP-SGD)."""
+        if self.per_example:
+            return 0
+        return self.generator.shared_prefix([self.encode(e) for e in batch])
+
     def weight(self, batch: list[Example]) -> int:
         """What the batch's mean loss divides by: answer tokens (examples when per-example),
         so that the loop can split a batch into pieces without changing its gradient."""
@@ -105,7 +112,10 @@ class RaltLoss:
         """Mean negative log-likelihood over answer tokens, and the real tokens processed."""
         self.generator.model.train()
         encoded = [self.encode(e) for e in batch]
-        token_logp, valid = self.generator.answer_token_logprobs(encoded)
+        token_logp, valid = self.generator.answer_token_logprobs(
+            encoded, share_prefix=not self.per_example
+        )
+        self.tokens_not_computed += (len(batch) - 1) * self.shared(batch)
         if self.per_example:
             loss = -(token_logp.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).mean()
         else:

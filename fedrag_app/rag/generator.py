@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ SYSTEM_PROMPT = (
     "a term, a name, an expansion or a year."
 )
 IGNORE = -100
+MIN_SHARED_PREFIX = 8  # below this, a separate pass for the shared tokens costs more
 
 
 def first_line(text: str) -> str:
@@ -100,6 +102,12 @@ class Generator:
         self.max_context_chars = max_context_chars
         self.contexts_cut = 0  # contexts longer than max_context_chars, cut in prompts so far
         self.model_path = path
+        self.share_prefix = True  # off only to measure what running the shared prefix once saves
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        # transformers 5 renamed forward's past_key_values to cache
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        )
         # the frozen base weights, hashed once: the server and every site must share them
         # with FFA the frozen A is part of what every party must share
         self.base_fingerprint = weights_fingerprint(
@@ -187,26 +195,55 @@ class Generator:
         return out
 
     def answer_token_logprobs(
-        self, encoded: list[tuple[list[int], list[int]]]
+        self, encoded: list[tuple[list[int], list[int]]], share_prefix: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log p of the answer tokens, (B, T) with a (B, T) validity mask.
 
         Sequences are LEFT-padded so every answer ends at the last position; the LM head and
         the softmax then run only on the last T+1 positions (``logits_to_keep``), not on the
         whole prompt and context: most of the vocabulary projection is skipped.
+
+        Every prompt opens with the same template (41 of the demo's ~141 tokens), so the
+        tokens the whole batch shares run once, batch 1, and their keys and values are
+        repeated for each row; the gradient flows back through them. Same log-probs (to
+        float rounding); LoRA dropout draws one mask for the shared tokens. Off for DP-SGD
+        (``share_prefix=False``: Opacus needs every activation per example) and with
+        gradient checkpointing (it recomputes layers without a cache).
         """
+        shared = self.shared_prefix(encoded) if share_prefix else 0
+        cache = None
+        if shared:
+            first = torch.tensor([encoded[0][0][:shared]], device=self.device)
+            out = self.model(input_ids=first, use_cache=True, logits_to_keep=1)
+            cache = out.cache if "cache" in out else out.past_key_values  # transformers 5 / 4
+            cache.batch_repeat_interleave(len(encoded))
+            encoded = [(x[shared:], y[shared:]) for x, y in encoded]
         ids, labels, mask = pad_batch(encoded, self.tokenizer.pad_token_id, left=True)
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
         keep = int((labels != IGNORE).sum(dim=1).max()) + 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = shared + (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if shared:  # the shared tokens sit before each row's left padding
+            mask = torch.cat([mask.new_ones(len(encoded), shared), mask], dim=1)
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=cache is not None,
+            logits_to_keep=keep,
+            **({self._cache_kwarg: cache} if cache is not None else {}),
         ).logits[:, :-1]
         target = labels[:, -(keep - 1) :]
         valid = target != IGNORE
         logp = torch.log_softmax(logits.float(), dim=-1)
         picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return picked * valid, valid
+
+    def shared_prefix(self, encoded: list[tuple[list[int], list[int]]]) -> int:
+        """The leading tokens ``answer_token_logprobs`` runs once for the whole batch."""
+        shared = shared_prefix_length(encoded) if self.share_prefix else 0
+        if shared < MIN_SHARED_PREFIX or getattr(self.model, "is_gradient_checkpointing", False):
+            return 0
+        return shared
 
     def fits(self, question: str, contexts: list[str], answer: str, max_len: int) -> bool:
         try:
@@ -255,6 +292,19 @@ class Generator:
     def save_adapter(self, folder: str | Path) -> None:
         """A PEFT adapter folder, loadable with ``PeftModel.from_pretrained``."""
         self.model.save_pretrained(str(folder))
+
+
+def shared_prefix_length(encoded: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens every sequence of the batch starts with, stopping before each one's last prompt
+    token (whose logits predict the first answer token); 0 for a single sequence."""
+    if len(encoded) < 2:
+        return 0
+    first = encoded[0][0]
+    n = min(len(x) for x, _ in encoded)
+    for x, y in encoded:
+        n = min(n, next((i for i, v in enumerate(y) if v != IGNORE), len(y)) - 1)
+        n = next((i for i in range(n) if x[i] != first[i]), n)
+    return max(n, 0)
 
 
 def pad_batch(
