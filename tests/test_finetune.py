@@ -481,6 +481,20 @@ def test_the_shared_prompt_prefix_runs_once_with_the_same_logprobs_and_gradients
     assert RaltLoss(generator, 256, per_example=True).shared(batch) == 0
 
 
+def test_the_prefix_is_shared_only_where_it_attends_as_before(tiny_settings):
+    """Checkpointed layers recompute without a cache, and a sliding window or a conv layer
+    would see the padding between the prefix and a row: no sharing there."""
+    from transformers import LlamaConfig, MistralConfig
+
+    from fedrag_app.rag.generator import plain_attention_cache
+
+    assert plain_attention_cache(LlamaConfig())
+    assert not plain_attention_cache(MistralConfig(sliding_window=8))
+    generator = build_generator(tiny_settings.replace(gradient_checkpointing=True))
+    ex = Example("What is a byte?", ("Eight bits.",), "eight bits")
+    assert RaltLoss(generator, 256).shared([ex, ex]) == 0
+
+
 def test_micro_batches_count_the_shared_prefix_once():
     """A pass runs the batch's shared tokens once, so a piece may hold more rows."""
     from fedrag_app.finetune.loop import micro_batches

@@ -102,8 +102,10 @@ class Generator:
         self.max_context_chars = max_context_chars
         self.contexts_cut = 0  # contexts longer than max_context_chars, cut in prompts so far
         self.model_path = path
-        self.share_prefix = True  # off only to measure what running the shared prefix once saves
         base = getattr(self.model, "get_base_model", lambda: self.model)()
+        # checkpointed layers recompute without a cache; sliding windows and conv/recurrent
+        # layers would see the padding between the shared prefix and a row's own tokens
+        self.share_prefix = not gradient_checkpointing and plain_attention_cache(base.config)
         # transformers 5 renamed forward's past_key_values to cache
         self._cache_kwarg = (
             "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -207,8 +209,8 @@ class Generator:
         tokens the whole batch shares run once, batch 1, and their keys and values are
         repeated for each row; the gradient flows back through them. Same log-probs (to
         float rounding); LoRA dropout draws one mask for the shared tokens. Off for DP-SGD
-        (``share_prefix=False``: Opacus needs every activation per example) and with
-        gradient checkpointing (it recomputes layers without a cache).
+        (``share_prefix=False``: Opacus needs every activation per example), with gradient
+        checkpointing and for models whose cache is not plain full attention.
         """
         shared = self.shared_prefix(encoded) if share_prefix else 0
         cache = None
@@ -232,6 +234,7 @@ class Generator:
             logits_to_keep=keep,
             **({self._cache_kwarg: cache} if cache is not None else {}),
         ).logits[:, :-1]
+        cache = None  # the full keys and values: not needed past the forward
         target = labels[:, -(keep - 1) :]
         valid = target != IGNORE
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -241,9 +244,7 @@ class Generator:
     def shared_prefix(self, encoded: list[tuple[list[int], list[int]]]) -> int:
         """The leading tokens ``answer_token_logprobs`` runs once for the whole batch."""
         shared = shared_prefix_length(encoded) if self.share_prefix else 0
-        if shared < MIN_SHARED_PREFIX or getattr(self.model, "is_gradient_checkpointing", False):
-            return 0
-        return shared
+        return shared if shared >= MIN_SHARED_PREFIX else 0
 
     def fits(self, question: str, contexts: list[str], answer: str, max_len: int) -> bool:
         try:
@@ -292,6 +293,20 @@ class Generator:
     def save_adapter(self, folder: str | Path) -> None:
         """A PEFT adapter folder, loadable with ``PeftModel.from_pretrained``."""
         self.model.save_pretrained(str(folder))
+
+
+def plain_attention_cache(config: object) -> bool:
+    """Whether every layer caches full-attention keys and values and nothing else: only then
+    does [shared prefix, padding, row] attend as [row] does."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = DynamicCache(config=config).layers
+    except (ImportError, TypeError, AttributeError, ValueError):  # transformers 4: no layers
+        return not getattr(config, "sliding_window", None) and not getattr(
+            config, "layer_types", None
+        )
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def shared_prefix_length(encoded: list[tuple[list[int], list[int]]]) -> int:
