@@ -65,7 +65,7 @@ def run(
     torch.manual_seed(0)
     data = examples(steps * batch)
     generator = build_generator(Settings(gradient_checkpointing=checkpointing))
-    generator.share_prefix = share_prefix
+    generator.share_prefix = generator.share_prefix and share_prefix  # never where it is off
     loss_fn = RaltLoss(generator, MAX_LEN)
     computed = None
     if impl == "ours":
